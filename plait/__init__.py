@@ -1,0 +1,26 @@
+"""plait: train PyTorch models on many workers at once.
+
+ctx = plait.init()
+model, optimizer = plait.setup(model, strategy="ddp", optimizer=lambda ps: plait.optim.AdamW(ps, lr=3e-4))
+"""
+
+from plait import optim
+from plait.api import full_state_dict, setup
+from plait.comm import Context, current, init, shutdown
+from plait.errors import ConfigError
+from plait.strategies import DDP, Plain, Strategy
+
+__all__ = [
+    "DDP",
+    "ConfigError",
+    "Context",
+    "Plain",
+    "Strategy",
+    "current",
+    "full_state_dict",
+    "init",
+    "optim",
+    "setup",
+    "shutdown",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,61 @@
+"""``plait.setup`` and ``plait.full_state_dict``: the two calls between a user's model and a strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from plait.comm import Context, current
+from plait.errors import ConfigError
+from plait.strategies import PlaitModule, Strategy, resolve
+from plait.strategies.base import adopt
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def setup(
+    model: nn.Module,
+    strategy: str | Strategy = "ddp",
+    optimizer: OptimizerFactory | torch.optim.Optimizer | None = None,
+    *,
+    ctx: Context | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """Prepare ``model`` (any ``nn.Module``) and its optimizer for training under ``strategy``.
+
+    ``optimizer`` is best a factory, ``lambda params: plait.optim.AdamW(params, lr=3e-4)``: it is called
+    with the model's parameters after the model moved to this rank's device. Any torch optimizer works.
+    Returns the same module object, now also a :class:`~plait.strategies.PlaitModule` (``no_sync()``),
+    and the optimizer. World size 1 (or ``strategy="none"``) trains plainly.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"plait.setup needs a torch.nn.Module, got {type(model).__name__}")
+    ctx = ctx or current()
+    strategy = resolve(strategy)
+    strategy.validate(ctx, model)
+    model.to(ctx.device)
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        opt = optimizer
+    elif callable(optimizer):
+        opt = optimizer(model.parameters())
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ConfigError(
+                f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer"
+            )
+    else:
+        raise ConfigError(f"optimizer={optimizer!r} is neither a torch optimizer nor a factory of one")
+    runtime = strategy.apply(model, opt, ctx)
+    return adopt(model, runtime), runtime.optimizer
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Any]:
+    """The whole model as ordinary tensors, keyed exactly as the original module's ``state_dict()``.
+
+    Gathers shards where the strategy keeps them (ZeRO-3, tensor and pipeline parallelism); every rank
+    must call it. A module plait did not set up is returned as a detached copy of its state dict.
+    """
+    if isinstance(model, PlaitModule):
+        return model.plait_runtime.full_state_dict()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,118 @@
+"""What plait's optimizers share: the torch.optim.Optimizer API over flat buffers.
+
+Each parameter group is laid out as one (or a few) contiguous :class:`~plait.buffers.FlatRun`, so
+``step()`` is a handful of tensor operations per run, never a Python loop over parameters. Where a
+strategy already placed the parameters in a FlatBuffer (group by group), the optimizer updates
+that memory in place; otherwise it flattens the group itself on first use.
+
+The optimizer state is flat too (one tensor per state name per run). ``self.state[param]`` holds
+views into it, so ``state_dict()`` has exactly torch's format and a state dict saved by
+``torch.optim.AdamW`` loads here and vice versa.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from plait.buffers import FlatRun, flat_runs
+
+
+class FlatOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses name their per-element state and implement :meth:`update`."""
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._runs: list[list[FlatRun]] | None = None
+        self._flat_state: list[list[dict[str, torch.Tensor]]] = []
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def _ensure_flat(self) -> list[list[FlatRun]]:
+        """Lay out each group as flat runs, once, on first use (after a strategy placed the parameters)."""
+        if self._runs is None:
+            self._runs = [flat_runs([p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
+            self._flat_state = [[{} for _ in runs] for runs in self._runs]
+        return self._runs
+
+    def _init_state(self, group_index: int, run_index: int, run: FlatRun) -> dict[str, torch.Tensor]:
+        """Allocate a run's state (zeros, one tensor per name) and expose per-parameter views in ``self.state``."""
+        flat = self._flat_state[group_index][run_index]
+        if not flat:
+            flat["step"] = torch.zeros((), dtype=torch.float32, device=run.data.device)
+            for name in self.state_names:
+                flat[name] = torch.zeros_like(run.data)
+            self._expose_state(run, flat)
+        return flat
+
+    def _expose_state(self, run: FlatRun, flat: dict[str, torch.Tensor]) -> None:
+        buffer = run.buffer
+        for i in range(run.first, run.last + 1):
+            lo = buffer.offsets[i] - run.start
+            hi = lo + buffer.numels[i]
+            param = buffer.params[i]
+            entry = {"step": flat["step"]}
+            entry.update({name: flat[name][lo:hi].view_as(param) for name in self.state_names})
+            self.state[param] = entry
+
+    # -- the torch.optim.Optimizer API ----------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        runs = self._ensure_flat()
+        for g, (group, group_runs) in enumerate(zip(self.param_groups, runs)):
+            for r, run in enumerate(group_runs):
+                state = self._init_state(g, r, run)
+                self.update(group, run.data, run.grad, state)
+        return loss
+
+    def update(
+        self, group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> None:
+        """Apply one step to the flat ``param`` from the flat ``grad``; ``state`` holds flat tensors."""
+        raise NotImplementedError
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradients in place.
+
+        ``set_to_none`` is accepted for compatibility and has no effect: the gradients are views of
+        the flat gradient buffer, and keeping them attached lets autograd accumulate into it with no copy.
+        """
+        for group_runs in self._ensure_flat():
+            for run in group_runs:
+                run.grad.zero_()
+                run.buffer.attach_grads()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a torch-format state dict, copying each parameter's state into the flat state."""
+        super().load_state_dict(state_dict)
+        loaded = {p: dict(s) for p, s in self.state.items()}
+        self.state.clear()
+        runs = self._ensure_flat()
+        for g, group_runs in enumerate(runs):
+            for r, run in enumerate(group_runs):
+                members = run.buffer.params[run.first : run.last + 1]
+                if not any(p in loaded for p in members):
+                    continue
+                flat = self._init_state(g, r, run)
+                # torch's SGD keeps no step count: a parameter with state has taken at least one step.
+                steps = {float(loaded[p].get("step", 1)) for p in members if p in loaded}
+                if len(steps) != 1:
+                    raise ValueError(f"parameters of one group have different step counts {sorted(steps)}")
+                flat["step"].fill_(steps.pop())
+                for p in members:
+                    for name in self.state_names:
+                        if p in loaded and loaded[p].get(name) is not None:
+                            self.state[p][name].copy_(loaded[p][name])
+
+
+def fused_kernels_available(tensor: torch.Tensor) -> bool:
+    """torch ships fused AdamW/SGD kernels for floating-point tensors on CPU and CUDA."""
+    return tensor.device.type in ("cpu", "cuda") and tensor.is_floating_point()

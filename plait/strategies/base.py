@@ -1,0 +1,119 @@
+"""The small interface every strategy implements, and what ``plait.setup`` adds to the model.
+
+A *strategy* is a frozen config object (``plait.DDP(bucket_mb=25)``). ``setup`` hands it the model,
+the optimizer the user's factory made, and the :class:`~plait.comm.Context`; ``apply`` lays the
+model out, installs its hooks and returns a *runtime*: the per-model state (flat buffers, buckets,
+handles in flight) that ``model.no_sync()`` and ``plait.full_state_dict`` talk to.
+
+``setup`` keeps the user's module object and its ``state_dict`` keys: like FSDP2's ``fully_shard``,
+it swaps the module's class for a subclass that also inherits :class:`PlaitModule`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from plait.comm import Context
+
+
+class Runtime:
+    """Per-model state of an applied strategy. The defaults suit a strategy that keeps full replicas."""
+
+    def __init__(
+        self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        self.strategy = strategy
+        self.module = module
+        self.optimizer = optimizer
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally inside the block; the first backward after it synchronizes."""
+        yield
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model as ordinary tensors, keyed as the original module's ``state_dict()``."""
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def theory_bytes_per_step(self) -> int:
+        """Bytes one rank should send per optimizer step by the algorithm's theory (0: no communication)."""
+        return 0
+
+
+class Strategy:
+    """Base class of strategy configs. Subclasses are frozen dataclasses named in :data:`STRATEGIES`."""
+
+    name: ClassVar[str]
+
+    def validate(self, ctx: Context, model: nn.Module) -> None:
+        """Raise :class:`plait.ConfigError` if this strategy cannot run ``model`` on ``ctx``'s world."""
+
+    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context) -> Runtime:
+        raise NotImplementedError
+
+
+class PlaitModule:
+    """Methods ``plait.setup`` adds to the user's module (mixed in ahead of its own class)."""
+
+    _plait_runtime: Runtime
+
+    @property
+    def plait_runtime(self) -> Runtime:
+        return self._plait_runtime
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Inside this block backward accumulates gradients without communicating (gradient accumulation)."""
+        return self._plait_runtime.no_sync()
+
+
+_swapped_classes: dict[type, type] = {}
+
+
+def adopt(module: nn.Module, runtime: Runtime) -> nn.Module:
+    """Give ``module`` the :class:`PlaitModule` methods in place, bound to ``runtime``."""
+    cls = type(module)
+    if issubclass(cls, PlaitModule):
+        raise ValueError("this module was already set up by plait.setup; set up a fresh module")
+    if cls not in _swapped_classes:
+        _swapped_classes[cls] = type(
+            f"Plait{cls.__name__}", (PlaitModule, cls), {"__module__": cls.__module__}
+        )
+    module.__class__ = _swapped_classes[cls]
+    module._plait_runtime = runtime
+    return module
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters that need gradients, each once (a tied parameter under its first name)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    return {p: n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+
+
+def group_ordered(model: nn.Module, optimizer: Any) -> list[list[nn.Parameter]]:
+    """Trainable parameters split by optimizer group (model order within each), so each group can be one flat run.
+
+    Parameters the optimizer does not hold form a last group of their own.
+    """
+    trainable = [p for _, p in trainable_named_parameters(model)]
+    position = {p: i for i, p in enumerate(trainable)}
+    groups: list[list[nn.Parameter]] = []
+    seen: set[nn.Parameter] = set()
+    for group in getattr(optimizer, "param_groups", []):
+        members = sorted(
+            (p for p in group["params"] if p in position and p not in seen), key=position.__getitem__
+        )
+        seen.update(members)
+        if members:
+            groups.append(members)
+    rest = [p for p in trainable if p not in seen]
+    if rest:
+        groups.append(rest)
+    return groups
