@@ -64,6 +64,8 @@ class FlatBuffer:
         ]
         for i, p in enumerate(params):
             p.data = self.data[self.offsets[i] : self.offsets[i] + self.numels[i]].view_as(p)
+            if p.grad is not None:  # flattened between backward and step: keep the gradient
+                self.grad_views[i].copy_(p.grad)
             p.grad = self.grad_views[i]
             setattr(p, _OWNER_ATTR, (self, i))
         self._hooks: list = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import tempfile
 import time
@@ -67,9 +68,11 @@ def _worker(
     torch.set_num_threads(1)
     code = 0
     try:
-        conn.send(("ok", fn(*args)))
+        # plain pickle copies tensors into the message; multiprocessing's own pickler would pass
+        # shared-memory handles that die with this process before the parent reads them
+        conn.send_bytes(pickle.dumps(("ok", fn(*args))))
     except BaseException:
-        conn.send(("error", traceback.format_exc()))
+        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
         code = 1
     finally:
         try:
@@ -125,7 +128,7 @@ def run_ranks(
         for conn in mp.connection.wait(list(waiting), timeout=min(1.0, limit - now)):
             rank = waiting[conn]
             try:
-                results[rank] = conn.recv()
+                results[rank] = pickle.loads(conn.recv_bytes())
             except EOFError:
                 procs[rank].join(5)
                 results[rank] = ("died", f"exited with code {procs[rank].exitcode} before returning")

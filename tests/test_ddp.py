@@ -1,0 +1,133 @@
+"""DDP: parity with the single-process reference on 2 and 4 gloo ranks, and its errors."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import plait
+from tests.harness import RankFailure, run_ranks
+from tests.reference import FP32, distributed_run, make_model, reference_run
+
+STEPS = 6
+
+
+def assert_matches_reference(result, reference, **tolerance):
+    losses, state = reference
+    assert_close(torch.tensor(result["losses"]), torch.tensor(losses), **tolerance)
+    assert result["state"].keys() == state.keys()
+    for name in state:
+        assert_close(result["state"][name], state[name], **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_run(STEPS)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ddp_matches_single_process(world_size, reference):
+    results = run_ranks(distributed_run, world_size, "ddp", STEPS)
+    for result in results:
+        assert_matches_reference(result, reference, **FP32)
+
+
+def test_ddp_many_small_buckets_and_sgd():
+    """One bucket per parameter: exercises bucket order and the readiness bookkeeping."""
+    reference = reference_run(STEPS, optimizer="sgd")
+    results = run_ranks(distributed_run, 2, plait.DDP(bucket_mb=1e-6), STEPS, "sgd")
+    for result in results:
+        assert_matches_reference(result, reference, **FP32)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_no_sync_gradient_accumulation(world_size, reference):
+    results = run_ranks(distributed_run, world_size, "ddp", STEPS, "adamw", 2)
+    for result in results:
+        assert_matches_reference(result, reference, **FP32)
+    # the micro-batch under no_sync sends nothing: one step sends exactly one all-reduce of the gradients
+    # (after the first step, which also broadcasts the bucket order rank 0 observed)
+    assert results[0]["bytes_per_step"][1:] == [results[0]["theory_bytes"]] * (STEPS - 1)
+
+
+def test_bf16_communication_halves_bytes_and_stays_close():
+    """bf16 messages agree with the fp32 reference within a few 1e-3.
+
+    Momentum SGD rather than Adam: Adam divides by the gradient's own scale, so an element whose
+    gradient is near zero gets a full-size step whose sign a bf16 rounding can flip.
+    """
+    reference = reference_run(STEPS, optimizer="sgd")
+    results = run_ranks(distributed_run, 2, plait.DDP(grad_dtype="bf16"), STEPS, "sgd")
+    for result in results:
+        assert_matches_reference(result, reference, rtol=3e-3, atol=3e-3)
+    fp32_theory = run_ranks(distributed_run, 2, "ddp", 1)[0]["theory_bytes"]
+    assert results[0]["theory_bytes"] * 2 == fp32_theory
+    assert results[0]["bytes_per_step"][1:] == [results[0]["theory_bytes"]] * (STEPS - 1)
+
+
+def test_replicas_start_equal_and_torch_optimizers_work():
+    """Each rank builds its model from a different seed: setup broadcasts rank 0's parameters."""
+    reference = reference_run(STEPS, optimizer="torch-sgd")
+    results = run_ranks(distributed_run, 2, "ddp", STEPS, "torch-sgd", 1, True)
+    for result in results:
+        assert_matches_reference(result, reference, **FP32)
+
+
+def test_bytes_per_step_equal_ring_theory():
+    result = run_ranks(distributed_run, 4, "ddp", 2)[0]
+    gradient_bytes = sum(p.numel() * 4 for p in make_model().parameters())
+    assert result["theory_bytes"] == 2 * 3 * gradient_bytes // 4
+    assert result["bytes_per_step"][1] == result["theory_bytes"]
+
+
+class _WithUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(4, 4)
+        self.spare = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def _train_with_unused(find_unused: bool) -> list[float]:
+    ctx = plait.init()
+    torch.manual_seed(0)
+    model, opt = plait.setup(
+        _WithUnused(), plait.DDP(find_unused_parameters=find_unused), lambda ps: plait.optim.SGD(ps, lr=0.1)
+    )
+    x = torch.full((2, 4), float(ctx.rank + 1))
+    model(x).square().mean().backward()
+    opt.step()
+    return model.used.weight.flatten().tolist() + model.spare.weight.flatten().tolist()
+
+
+def test_a_parameter_without_gradient_is_named():
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_train_with_unused, 2, False)
+    assert "spare.weight" in str(info.value) and "find_unused_parameters=True" in str(info.value)
+
+
+def test_find_unused_parameters_tolerates_them():
+    results = run_ranks(_train_with_unused, 2, True)
+    assert results[0] == results[1]
+    torch.manual_seed(0)
+    spare_before = _WithUnused().spare.weight.flatten().tolist()
+    assert results[0][16:] == spare_before  # zero gradient, plain SGD: unchanged
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        (dict(bucket_mb=0), "bucket_mb=0"),
+        (dict(bucket_mb=-1), "bucket_mb=-1"),
+        (dict(grad_dtype="int8"), "grad_dtype='int8'"),
+    ],
+)
+def test_bad_ddp_arguments(kwargs, fragment):
+    with pytest.raises(plait.ConfigError, match=fragment):
+        plait.DDP(**kwargs)
+
+
+def test_unknown_strategy_name():
+    with pytest.raises(plait.ConfigError, match="strategy='dpp'.*'ddp'"):
+        plait.setup(make_model(), "dpp")
