@@ -129,5 +129,5 @@ def test_bad_ddp_arguments(kwargs, fragment):
 
 
 def test_unknown_strategy_name():
-    with pytest.raises(plait.ConfigError, match="strategy='dpp'.*'ddp'"):
+    with pytest.raises(plait.ConfigError, match=r"strategy='dpp'.*'ddp'"):
         plait.setup(make_model(), "dpp")
