@@ -5,7 +5,7 @@ model, optimizer = plait.setup(model, strategy="ddp", optimizer=lambda ps: plait
 """
 
 from plait import optim
-from plait.api import full_state_dict, setup
+from plait.api import clip_grad_norm_, full_state_dict, setup
 from plait.comm import Context, current, init, shutdown
 from plait.errors import ConfigError
 from plait.strategies import DDP, Plain, Strategy
@@ -16,6 +16,7 @@ __all__ = [
     "Context",
     "Plain",
     "Strategy",
+    "clip_grad_norm_",
     "current",
     "full_state_dict",
     "init",

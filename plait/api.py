@@ -59,3 +59,14 @@ def full_state_dict(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, PlaitModule):
         return model.plait_runtime.full_state_dict()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of a model ``plait.setup`` prepared to a global L2 norm of ``max_norm``.
+
+    Like ``torch.nn.utils.clip_grad_norm_``, but the norm is over the whole model whatever the strategy
+    (sharded gradients are combined across ranks), computed on flat buffers. Returns the norm before clipping.
+    """
+    if not isinstance(model, PlaitModule):
+        return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    return model.plait_runtime.clip_grad_norm_(max_norm)

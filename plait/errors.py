@@ -6,3 +6,8 @@ class ConfigError(ValueError):
 
     A subclass of ValueError, so code that already catches ValueError for bad arguments keeps working.
     """
+
+
+def divisors(n: int) -> str:
+    """The divisors of ``n`` as a set literal, for messages that suggest a value that fits."""
+    return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"

@@ -10,12 +10,7 @@ workers with only the step number as state.
 import numpy as np
 import torch
 
-from plait.errors import ConfigError
-
-
-def _divisors(n: int) -> str:
-    """The divisors of ``n`` formatted as a set, for error messages that suggest a value that fits."""
-    return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"
+from plait.errors import ConfigError, divisors
 
 
 def _check_shard(batch: int, rank: int, world_size: int, name: str) -> int:
@@ -27,7 +22,7 @@ def _check_shard(batch: int, rank: int, world_size: int, name: str) -> int:
     if batch % world_size != 0:
         raise ConfigError(
             f"{name}={batch} is not divisible by world_size={world_size}; "
-            f"use world_size in {_divisors(batch)} or a {name} that is a multiple of {world_size}"
+            f"use world_size in {divisors(batch)} or a {name} that is a multiple of {world_size}"
         )
     return batch // world_size
 
@@ -107,7 +102,7 @@ def split_micro_batches(x: torch.Tensor, y: torch.Tensor, n: int) -> list[tuple[
     if n < 1 or batch % n != 0:
         raise ConfigError(
             f"a local batch of {batch} cannot be split into {n} equal micro-batches; "
-            f"use a micro-batch count in {_divisors(batch)}"
+            f"use a micro-batch count in {divisors(batch)}"
         )
     return list(zip(x.chunk(n), y.chunk(n), strict=True))
 

@@ -16,12 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.errors import ConfigError
-
-
-def _divisors(n: int) -> str:
-    """The divisors of ``n`` formatted as a set, for error messages that suggest a value that fits."""
-    return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"
+from plait.errors import ConfigError, divisors
 
 
 @dataclass(frozen=True)
@@ -51,7 +46,7 @@ class GPTConfig:
         if self.n_embd % self.n_head != 0:
             raise ConfigError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                f"use n_head in {_divisors(self.n_embd)}"
+                f"use n_head in {divisors(self.n_embd)}"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1); use 0.0 to disable it")

@@ -69,6 +69,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         runs = self._ensure_flat()
         for g, (group, group_runs) in enumerate(zip(self.param_groups, runs)):
             for r, run in enumerate(group_runs):
+                _gather_grads(run)
                 state = self._init_state(g, r, run)
                 self.update(group, run.data, run.grad, state)
         return loss
@@ -90,12 +91,28 @@ class FlatOptimizer(torch.optim.Optimizer):
                 run.grad.zero_()
                 run.buffer.attach_grads()
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format, with a ``step`` tensor of its own for each parameter.
+
+        The flat state shares one step tensor per run; torch's optimizers add 1 to each parameter's
+        step in place, so a shared tensor loaded there would advance once per parameter per step.
+        """
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            key: {**entry, "step": entry["step"].clone()} for key, entry in state_dict["state"].items()
+        }
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a torch-format state dict, copying each parameter's state into the flat state."""
+        """Load a torch-format state dict, copying each parameter's state into fresh flat state.
+
+        Like torch, loading replaces all state: a run with no state in ``state_dict`` starts over.
+        """
         super().load_state_dict(state_dict)
         loaded = {p: dict(s) for p, s in self.state.items()}
         self.state.clear()
         runs = self._ensure_flat()
+        self._flat_state = [[{} for _ in group_runs] for group_runs in runs]
         for g, group_runs in enumerate(runs):
             for r, run in enumerate(group_runs):
                 members = run.buffer.params[run.first : run.last + 1]
@@ -111,6 +128,25 @@ class FlatOptimizer(torch.optim.Optimizer):
                     for name in self.state_names:
                         if p in loaded and loaded[p].get(name) is not None:
                             self.state[p][name].copy_(loaded[p][name])
+
+
+def _gather_grads(run: FlatRun) -> None:
+    """Make ``run.grad`` hold each parameter's gradient as of now.
+
+    A parameter whose ``.grad`` is not its flat view was set to None (``model.zero_grad()``) and got
+    no gradient since, or was handed a tensor made elsewhere; its flat slice still holds an older
+    gradient, so it is zeroed (no gradient counts as zero, as in DDP) or overwritten. Only identity
+    checks run when every view is attached, so the loop launches no kernels in the common case.
+    """
+    buffer = run.buffer
+    for i in range(run.first, run.last + 1):
+        param, view = buffer.params[i], buffer.grad_views[i]
+        if param.grad is not view:
+            if param.grad is None:
+                view.zero_()
+            else:
+                view.copy_(param.grad)
+            param.grad = view
 
 
 def fused_kernels_available(tensor: torch.Tensor) -> bool:

@@ -40,6 +40,12 @@ class Runtime:
         """The whole model as ordinary tensors, keyed as the original module's ``state_dict()``."""
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale gradients so their global L2 norm is at most ``max_norm``; return the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(
+            [p for p in self.module.parameters() if p.grad is not None], max_norm
+        )
+
     def theory_bytes_per_step(self) -> int:
         """Bytes one rank should send per optimizer step by the algorithm's theory (0: no communication)."""
         return 0
@@ -117,3 +123,19 @@ def group_ordered(model: nn.Module, optimizer: Any) -> list[list[nn.Parameter]]:
     if rest:
         groups.append(rest)
     return groups
+
+
+def clip_flat_grads_(grads: list[torch.Tensor], max_norm: float, sum_squares: Any = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over flat gradient tensors: one norm per tensor, not per parameter.
+
+    ``sum_squares``, when given, turns this rank's sum of squares into the global one (an all-reduce
+    over the ranks that hold disjoint shards); replicated gradients need none.
+    """
+    squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]).sum()
+    if sum_squares is not None:
+        squares = sum_squares(squares)
+    total = squares.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total

@@ -33,7 +33,7 @@ from plait.buffers import Bucket, FlatBuffer, make_buckets
 from plait.comm import Context, Group, Handle
 from plait.errors import ConfigError
 from plait.precision import parse_dtype
-from plait.strategies.base import Runtime, Strategy, group_ordered, parameter_names
+from plait.strategies.base import Runtime, Strategy, clip_flat_grads_, group_ordered, parameter_names
 
 _MIB = 2**20
 
@@ -203,6 +203,10 @@ class DDPRuntime(Runtime):
             yield
         finally:
             self._sync = previous
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The gradients are replicated after backward: clip each flat buffer with no communication."""
+        return clip_flat_grads_([flat.grad[: flat.numel] for flat in self.buffers], max_norm)
 
     def theory_bytes_per_step(self) -> int:
         world = self.group.size

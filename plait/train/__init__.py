@@ -1,0 +1,6 @@
+"""The training loop and its configuration."""
+
+from plait.train.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from plait.train.trainer import Summary, Trainer
+
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "Summary", "TrainConfig", "Trainer"]

@@ -1,0 +1,279 @@
+"""The training loop behind ``plait train``: a GPT on the embedded corpus under any strategy.
+
+One optimizer step = one global batch of ``batch_size`` sequences, whatever the number of ranks:
+each rank takes its slice (``BatchSampler``) and splits it into micro-batches of ``micro_batch``;
+all but the last run under ``model.no_sync()``, so gradients are communicated once per step.
+Then the global gradient norm is clipped, the learning rate follows linear warmup and cosine decay,
+and the optimizer steps. Every rank appends its measurements to ``RUN_DIR/metrics.jsonl``; rank 0
+shows a progress bar and, at the end, a summary table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import plait
+from plait.comm import Context, delta
+from plait.data import BatchSampler, eval_batches, load_corpus, split_micro_batches, synthetic_tokens
+from plait.errors import ConfigError, divisors
+from plait.metrics import MetricsLog, peak_memory_bytes
+from plait.models import GPT, preset
+from plait.strategies import DDP, resolve
+from plait.train.config import RunConfig
+from plait.train.report import print_summary
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run achieved, as the summary table and ``summary.json`` report it."""
+
+    strategy: str
+    world_size: int
+    params: int
+    steps: int
+    tokens_per_step: int
+    train_loss_first: float
+    train_loss_last: float
+    val_loss_first: float | None
+    val_loss_last: float | None
+    tokens_per_s: float
+    step_time_s: float
+    peak_memory_bytes: list[int]
+    bytes_per_step: float
+    theory_bytes_per_step: int
+    comm_seconds_per_step: float
+
+
+def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def adamw_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """nanoGPT's grouping: decay matrices and embeddings (dim >= 2), not norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def _strategy(config: RunConfig) -> plait.Strategy:
+    train = config.train
+    if train.strategy == "ddp":
+        return DDP(bucket_mb=train.bucket_mb, grad_dtype=train.grad_dtype)
+    return resolve(train.strategy)
+
+
+class Trainer:
+    """Trains ``plait.models.GPT`` as ``config`` says, on this process's rank of the job."""
+
+    def __init__(self, config: RunConfig, ctx: Context | None = None) -> None:
+        self.config = config
+        self.ctx = ctx or plait.init()
+        train = config.train
+        per_step = train.micro_batch * self.ctx.world_size
+        if train.batch_size % per_step:
+            raise ConfigError(
+                f"batch_size={train.batch_size} is not a multiple of micro_batch x ranks = "
+                f"{train.micro_batch} x {self.ctx.world_size}; use a micro_batch in {divisors(train.batch_size // self.ctx.world_size)} "
+                f"or a batch_size that is a multiple of {per_step}"
+            )
+        self.accumulate = train.batch_size // per_step
+        overrides = {
+            k: v for k, v in dataclasses.asdict(config.model).items() if k != "model" and v is not None
+        }
+        self.model_config = preset(config.model.model, **overrides)
+        self.train_tokens, self.val_tokens = self._load_data()
+
+        torch.manual_seed(train.seed)
+        model = GPT(self.model_config)
+        self.params = model.num_params()
+        optim = config.optim
+        self.model, self.optimizer = plait.setup(
+            model,
+            _strategy(config),
+            lambda _: plait.optim.AdamW(
+                adamw_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2)
+            ),
+            ctx=self.ctx,
+        )
+        self.sampler = BatchSampler(
+            self.train_tokens,
+            self.model_config.block_size,
+            train.batch_size,
+            self.ctx.rank,
+            self.ctx.world_size,
+            train.seed,
+        )
+        self.log = MetricsLog(train.run_dir, self.ctx.rank)
+
+    def _load_data(self) -> tuple[np.ndarray, np.ndarray]:
+        data = self.config.data
+        if data.data == "synthetic":
+            tokens = synthetic_tokens(
+                data.synthetic_tokens, self.model_config.vocab_size, self.config.train.seed
+            )
+            split = int(len(tokens) * (1 - data.val_fraction))
+            return tokens[:split], tokens[split:]
+        if self.model_config.vocab_size < 256:
+            raise ConfigError(
+                f"vocab_size={self.model_config.vocab_size} is too small for the byte-level corpus; it needs 256"
+            )
+        corpus = load_corpus(data.val_fraction)
+        return corpus.train, corpus.val
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step on this rank's slice of the global batch; returns its measurements."""
+        optim, train = self.config.optim, self.config.train
+        lr = lr_at(step, train.steps, optim.lr, optim.min_lr, optim.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        before = self.ctx.stats.snapshot()
+        start = time.perf_counter()
+        x, y = self.sampler.next_batch()
+        local_loss = torch.zeros(())
+        for i, (xm, ym) in enumerate(split_micro_batches(x, y, self.accumulate)):
+            last = i == self.accumulate - 1
+            with contextlib.nullcontext() if last else self.model.no_sync():
+                logits = self.model(xm.to(self.ctx.device))
+                loss = (
+                    F.cross_entropy(logits.flatten(0, 1), ym.to(self.ctx.device).flatten()) / self.accumulate
+                )
+                loss.backward()
+            local_loss += loss.detach().cpu()
+        grad_norm = plait.clip_grad_norm_(self.model, optim.grad_clip) if optim.grad_clip else None
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        step_time = time.perf_counter() - start
+        comm = delta(self.ctx.stats.snapshot(), before)
+        return {
+            "loss": self._mean_over_ranks(local_loss),
+            "lr": lr,
+            "step_time": step_time,
+            "tokens_per_s": train.batch_size * self.model_config.block_size / step_time,
+            "bytes_sent": sum(t.bytes_sent for t in comm.values()),
+            "comm_seconds": sum(t.seconds for t in comm.values()),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        }
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over all ranks (a 4-byte all-reduce, made after the step's accounting)."""
+        value = value.reshape(1).float()
+        self.ctx.world.all_reduce(value, op="avg")
+        return value.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over fixed windows spread over the validation tokens, across all ranks."""
+        train = self.config.train
+        self.model.eval()
+        batches = eval_batches(
+            self.val_tokens,
+            self.model_config.block_size,
+            train.batch_size,
+            train.eval_batches,
+            self.ctx.rank,
+            self.ctx.world_size,
+        )
+        total = torch.zeros(())
+        for x, y in batches:
+            logits = self.model(x.to(self.ctx.device))
+            total += F.cross_entropy(logits.flatten(0, 1), y.to(self.ctx.device).flatten()).cpu()
+        self.model.train()
+        return self._mean_over_ranks(total / len(batches))
+
+    # -- the run ------------------------------------------------------------------------------------
+
+    def fit(self) -> Summary:
+        """Train for ``steps`` steps, evaluating every ``eval_every``; return (and on rank 0 print) the summary."""
+        train = self.config.train
+        records, evals = [], []
+        progress = _Progress(train.steps) if self.ctx.rank == 0 and train.progress else None
+        try:
+            for step in range(self.sampler.step, train.steps):
+                record = self.train_step(step)
+                record["peak_memory"] = peak_memory_bytes(self.ctx.device)
+                self.log.write("step", step=step, **record)
+                records.append(record)
+                if progress is not None:
+                    progress.update(step, record)
+                last = step == train.steps - 1
+                if train.eval_every and (step % train.eval_every == 0 or last):
+                    val = self.evaluate()
+                    self.log.write("eval", step=step, val_loss=val)
+                    evals.append(val)
+        finally:
+            if progress is not None:
+                progress.close()
+            self.log.close()
+        summary = self._summarize(records, evals)
+        if self.ctx.rank == 0:
+            Path(train.run_dir, "summary.json").write_text(
+                json.dumps(dataclasses.asdict(summary), indent=2) + "\n"
+            )
+            print_summary(summary, train.run_dir)
+        return summary
+
+    def _summarize(self, records: list[dict[str, float]], evals: list[float]) -> Summary:
+        steady = records[1:] or records  # the first step pays one-time costs (allocation, bucket order)
+        peak = torch.tensor([float(peak_memory_bytes(self.ctx.device))])
+        peaks = torch.zeros(self.ctx.world_size)
+        self.ctx.world.all_gather(peaks, peak)
+        return Summary(
+            strategy=self.config.train.strategy,
+            world_size=self.ctx.world_size,
+            params=self.params,
+            steps=len(records),
+            tokens_per_step=self.config.train.batch_size * self.model_config.block_size,
+            train_loss_first=records[0]["loss"],
+            train_loss_last=records[-1]["loss"],
+            val_loss_first=evals[0] if evals else None,
+            val_loss_last=evals[-1] if evals else None,
+            tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
+            step_time_s=statistics.median(r["step_time"] for r in steady),
+            peak_memory_bytes=[int(p) for p in peaks.tolist()],
+            bytes_per_step=statistics.mean(r["bytes_sent"] for r in steady),
+            theory_bytes_per_step=self.model.plait_runtime.theory_bytes_per_step(),
+            comm_seconds_per_step=statistics.mean(r["comm_seconds"] for r in steady),
+        )
+
+
+class _Progress:
+    """Rank 0's progress bar: step, loss, tokens/s."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeRemainingColumn(),
+        )
+        self._task = self._bar.add_task("train", total=total, loss=float("nan"), tps=0.0)
+        self._bar.start()
+
+    def update(self, step: int, record: dict[str, float]) -> None:
+        self._bar.update(self._task, completed=step + 1, loss=record["loss"], tps=record["tokens_per_s"])
+
+    def close(self) -> None:
+        self._bar.stop()
