@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import plait
 from plait.errors import ConfigError
 from plait.launch import LaunchConfig, launch
 from plait.train.config import SECTIONS, build, field_docs, load_toml, to_toml
@@ -102,6 +103,8 @@ def _train(namespace: argparse.Namespace) -> int:
         path.write_text(to_toml(config))
         return launch(launch_config, "plait.cli", ["train", "--config", str(path)], module=True)
     Trainer(config).fit()
+    if _under_torchrun():
+        plait.shutdown(exit_code=0)  # see plait.shutdown: avoids gloo's abort at interpreter exit
     return 0
 
 

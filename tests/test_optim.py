@@ -1,10 +1,13 @@
 """plait.optim.AdamW and SGD against torch.optim: same parameters, same state dicts, one kernel per group.
 
 Every parity test trains two copies of one seeded MLP on the same random batches, one with plait's
-optimizer and one with torch's, and compares all parameters after the run. The fused path is held
-to torch's fused kernel (it is the same kernel over one flat tensor instead of many), the textbook
-path to torch's default single-tensor implementation (the same tensor operations, so bit-exact),
-and the fused path to the default implementation within 1e-6.
+optimizer and one with torch's, and compares all parameters after the run. The textbook path is
+held bit-exact to torch's default single-tensor implementation (the same tensor operations); the
+fused path is held within 1e-6 to both torch's fused kernel and its default implementation. The
+fused path runs torch's own fused kernel, but not bit-exactly: the kernel finishes each tensor's
+last ``numel % vector width`` elements in a scalar loop that rounds differently from its vector
+loop (by an ulp), and which elements those are changes when the tensors are one flat run. The
+layer widths are odd on purpose so that such elements exist.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ CASE_IDS = [f"adamw-{k}" for k in ADAMW_CONFIGS] + [f"sgd-{k}" for k in SGD_CONF
 
 def make_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(8, 13), nn.Tanh(), nn.Linear(13, 11), nn.Tanh(), nn.Linear(11, 3))
 
 
 def batches(steps: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -89,7 +92,9 @@ def run_pair(
     train(ours, plait_cls(ours.parameters(), **config, **plait_kwargs))
     train(theirs, torch_cls(theirs.parameters(), **config, **torch_kwargs))
     assert_same_params(ours, theirs, tolerance)
-    assert not torch.equal(ours[0].weight, make_model()[0].weight), "the optimizer did not move the parameters"
+    assert not torch.equal(ours[0].weight, make_model()[0].weight), (
+        "the optimizer did not move the parameters"
+    )
 
 
 # -- parity over 100 steps ----------------------------------------------------------------------
@@ -97,7 +102,7 @@ def run_pair(
 
 @pytest.mark.parametrize(("plait_cls", "torch_cls", "config"), CASES, ids=CASE_IDS)
 def test_fused_matches_torch_fused(plait_cls: type, torch_cls: type, config: dict) -> None:
-    run_pair(plait_cls, torch_cls, config, dict(fused=None), dict(fused=True), EXACT)
+    run_pair(plait_cls, torch_cls, config, dict(fused=None), dict(fused=True), CLOSE)
 
 
 @pytest.mark.parametrize(("plait_cls", "torch_cls", "config"), CASES, ids=CASE_IDS)
@@ -134,7 +139,7 @@ def test_per_group_hyperparameters(plait_cls: type, torch_cls: type, extra: dict
     train(ours, plait_cls(two_groups(ours, lrs, decays), **extra, fused=fused))
     torch_fused = True if fused is None else None
     train(theirs, torch_cls(two_groups(theirs, lrs, decays), **extra, fused=torch_fused))
-    assert_same_params(ours, theirs, EXACT)
+    assert_same_params(ours, theirs, CLOSE if fused is None else EXACT)
 
 
 SCHEDULERS = {
@@ -166,7 +171,9 @@ def test_lr_scheduler_drives_plait_like_torch(
 
 @pytest.mark.parametrize("fused", [None, False], ids=["fused", "textbook"])
 @pytest.mark.parametrize("build_after_backward", [False, True], ids=["built-before", "built-after"])
-def test_first_step_uses_gradients_from_before_flattening(fused: bool | None, build_after_backward: bool) -> None:
+def test_first_step_uses_gradients_from_before_flattening(
+    fused: bool | None, build_after_backward: bool
+) -> None:
     """backward, then step() with no zero_grad(): the optimizer flattens the parameters inside that step."""
     ours, theirs = make_model(), make_model()
     x, y = next(batches(1, seed=7))
@@ -189,7 +196,9 @@ def test_first_step_uses_gradients_from_before_flattening(fused: bool | None, bu
     [(AdamW, torch.optim.AdamW, dict(lr=1e-2)), (SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9))],
     ids=["adamw", "sgd"],
 )
-def test_gradients_set_to_none_between_steps(who: str, plait_cls: type, torch_cls: type, config: dict) -> None:
+def test_gradients_set_to_none_between_steps(
+    who: str, plait_cls: type, torch_cls: type, config: dict
+) -> None:
     ours, theirs = make_model(), make_model()
     ours_opt = plait_cls(ours.parameters(), **config, fused=False)
     zero_grad = ours.zero_grad if who == "model" else lambda: ours_opt.zero_grad(set_to_none=True)
@@ -258,8 +267,12 @@ def test_state_dict_moves_between_plait_and_torch(
     train(reference, reference_opt, steps=30, seed=1)
     train(reference, reference_opt, steps=30, seed=2)
 
-    first_cls, second_cls = (plait_cls, torch_cls) if direction == "plait-to-torch" else (torch_cls, plait_cls)
-    first_kwargs, second_kwargs = (dict(fused=False), {}) if first_cls is plait_cls else ({}, dict(fused=False))
+    first_cls, second_cls = (
+        (plait_cls, torch_cls) if direction == "plait-to-torch" else (torch_cls, plait_cls)
+    )
+    first_kwargs, second_kwargs = (
+        (dict(fused=False), {}) if first_cls is plait_cls else ({}, dict(fused=False))
+    )
     first = make_model()
     first_opt = first_cls(first.parameters(), **config, **first_kwargs)
     train(first, first_opt, steps=30, seed=1)
@@ -353,7 +366,9 @@ class CountOps(torch.overrides.TorchFunctionMode):
 @pytest.mark.parametrize(
     ("plait_cls", "config"), [(AdamW, dict(amsgrad=True)), (SGD, dict(momentum=0.9, nesterov=True))]
 )
-def test_textbook_step_runs_as_many_tensor_ops_for_50_parameters_as_for_6(plait_cls: type, config: dict) -> None:
+def test_textbook_step_runs_as_many_tensor_ops_for_50_parameters_as_for_6(
+    plait_cls: type, config: dict
+) -> None:
     def ops_per_step(model: nn.Module) -> int:
         optimizer = plait_cls(model.parameters(), **config, fused=False)
         x = torch.randn(8, model[0].in_features)

@@ -20,7 +20,14 @@ SMALL = {
     "model": {"model": "gpt-tiny", "n_layer": 2, "n_embd": 64, "block_size": 32},
     "data": {"data": "synthetic", "synthetic_tokens": 50_000},
     "optim": {"warmup_steps": 2},
-    "train": {"steps": 4, "batch_size": 8, "micro_batch": 2, "eval_every": 2, "eval_batches": 2, "progress": False},
+    "train": {
+        "steps": 4,
+        "batch_size": 8,
+        "micro_batch": 2,
+        "eval_every": 2,
+        "eval_batches": 2,
+        "progress": False,
+    },
 }
 
 

@@ -1,7 +1,8 @@
 """What plait's optimizers share: the torch.optim.Optimizer API over flat buffers.
 
 Each parameter group is laid out as one (or a few) contiguous :class:`~plait.buffers.FlatRun`, so
-``step()`` is a handful of tensor operations per run, never a Python loop over parameters. Where a
+``step()`` is a handful of tensor operations per run, never a kernel per parameter (the one
+per-parameter work left is an identity check that each ``.grad`` is still its flat view). Where a
 strategy already placed the parameters in a FlatBuffer (group by group), the optimizer updates
 that memory in place; otherwise it flattens the group itself on first use.
 
