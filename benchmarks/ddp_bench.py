@@ -61,6 +61,12 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per candidate per pair")
+    parser.add_argument(
+        "--comm",
+        choices=["fp32", "16-bit", "both"],
+        default="both",
+        help="which comparison(s) to run (one at a time halves the memory: each builds two models)",
+    )
     args = parser.parse_args()
 
     ctx = plait.init()
@@ -74,9 +80,9 @@ def main() -> None:
         )
     ]
     tokens_per_step = args.global_batch * args.block_size
-    pairs = {
-        "fp32": (build_plait(config, None), build_torch(config, False)),
-        "16-bit": (build_plait(config, "bf16"), build_torch(config, True)),
+    builders = {
+        "fp32": lambda: (build_plait(config, None), build_torch(config, False)),
+        "16-bit": lambda: (build_plait(config, "bf16"), build_torch(config, True)),
     }
     if ctx.rank == 0:
         params = sum(p.numel() for p in GPT(config).parameters())
@@ -84,15 +90,21 @@ def main() -> None:
             f"{args.model}: {params:,} params, {tokens_per_step} tokens/step, {ctx.world_size} ranks, {args.pairs} pairs"
         )
     rows = []
-    for label, ((pmodel, popt), (tmodel, topt)) in pairs.items():
+    for label, build in builders.items():
+        if args.comm not in (label, "both"):
+            continue
+        (pmodel, popt), (tmodel, topt) = build()
         step_times(pmodel, popt, batches[:2])  # warm up both before timing
         step_times(tmodel, topt, batches[:2])
         plait_tps, torch_tps, ratios = [], [], []
-        for _ in range(args.pairs):
+        for pair in range(args.pairs):
+            if pair % 2:  # alternate who goes first, so neither always runs on a warmer machine
+                t = statistics.median(step_times(tmodel, topt, batches))
             sent = ctx.stats.bytes_sent
             p = statistics.median(step_times(pmodel, popt, batches))
             bytes_per_step = (ctx.stats.bytes_sent - sent) / len(batches)
-            t = statistics.median(step_times(tmodel, topt, batches))
+            if not pair % 2:
+                t = statistics.median(step_times(tmodel, topt, batches))
             plait_tps.append(tokens_per_step / p)
             torch_tps.append(tokens_per_step / t)
             ratios.append(t / p)

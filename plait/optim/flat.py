@@ -82,15 +82,21 @@ class FlatOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the flat gradients in place.
+        """Forget the gradients, as torch does: set each ``.grad`` to None, or zero the flat buffer in place.
 
-        ``set_to_none`` is accepted for compatibility and has no effect: the gradients are views of
-        the flat gradient buffer, and keeping them attached lets autograd accumulate into it with no copy.
+        ``set_to_none=True`` (the default) is the cheaper of the two here too: no pass over memory now,
+        and in the next backward autograd hands each fresh gradient to the flat buffer's hook, which
+        copies it into its slice (one write) instead of adding it to a zeroed one (a zeroing pass, then
+        a read and a write). A parameter that then gets no gradient counts as zero in ``step()``.
         """
         for group_runs in self._ensure_flat():
             for run in group_runs:
-                run.grad.zero_()
-                run.buffer.attach_grads()
+                if set_to_none:
+                    for param in run.buffer.params[run.first : run.last + 1]:
+                        param.grad = None
+                else:
+                    run.grad.zero_()
+                    run.buffer.attach_grads()
 
     def state_dict(self) -> dict[str, Any]:
         """torch's format, with a ``step`` tensor of its own for each parameter.
