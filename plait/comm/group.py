@@ -18,6 +18,10 @@ import torch.distributed as dist
 
 from plait.comm.stats import CommStats, OpRecord, bus_bytes
 
+# torch 2.13 renamed the tensor collectives (the old names warn); older releases only have the old ones
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 _REDUCE_OPS = {
     "sum": dist.ReduceOp.SUM,
     "avg": dist.ReduceOp.AVG,
@@ -119,7 +123,7 @@ class Group:
         return self._run(
             "reduce_scatter",
             input,
-            lambda: dist.reduce_scatter_single(
+            lambda: _reduce_scatter_single(
                 output, input, op=_REDUCE_OPS[op], group=self.pg, async_op=True
             ),
             async_op,
@@ -134,7 +138,7 @@ class Group:
         return self._run(
             "all_gather",
             output,
-            lambda: dist.all_gather_single(output, input, group=self.pg, async_op=True),
+            lambda: _all_gather_single(output, input, group=self.pg, async_op=True),
             async_op,
             bus_bytes("all_gather", nbytes, self.size),
         )
