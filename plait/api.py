@@ -32,8 +32,8 @@ def setup(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"plait.setup needs a torch.nn.Module, got {type(model).__name__}")
-    ctx = ctx or current()
     strategy = resolve(strategy)
+    ctx = ctx or current()
     strategy.validate(ctx, model)
     model.to(ctx.device)
     if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):

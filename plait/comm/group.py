@@ -123,9 +123,7 @@ class Group:
         return self._run(
             "reduce_scatter",
             input,
-            lambda: _reduce_scatter_single(
-                output, input, op=_REDUCE_OPS[op], group=self.pg, async_op=True
-            ),
+            lambda: _reduce_scatter_single(output, input, op=_REDUCE_OPS[op], group=self.pg, async_op=True),
             async_op,
             bus_bytes("reduce_scatter", nbytes, self.size),
         )
