@@ -8,7 +8,8 @@ from plait import optim
 from plait.api import clip_grad_norm_, full_state_dict, setup
 from plait.comm import Context, current, init, shutdown
 from plait.errors import ConfigError
-from plait.strategies import DDP, Plain, Strategy
+from plait.metrics import memory_report
+from plait.strategies import DDP, Plain, Strategy, Zero
 
 __all__ = [
     "DDP",
@@ -16,10 +17,12 @@ __all__ = [
     "Context",
     "Plain",
     "Strategy",
+    "Zero",
     "clip_grad_norm_",
     "current",
     "full_state_dict",
     "init",
+    "memory_report",
     "optim",
     "setup",
     "shutdown",

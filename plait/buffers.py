@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,10 +32,20 @@ def padded_size(numel: int, pad_to: int) -> int:
 
 
 class FlatBuffer:
-    """Parameters of one dtype and device as views into one contiguous tensor; gradients likewise."""
+    """Parameters of one dtype and device as views into one contiguous tensor; gradients likewise.
+
+    ``dtype`` casts the parameters on the way in (mixed precision stores the compute copy this way).
+    ``with_grad=False`` keeps no gradient buffer: the strategy collects gradients elsewhere (ZeRO-2/3
+    copy each into a transient bucket) and the hooks only report readiness.
+    """
 
     def __init__(
-        self, params: Sequence[nn.Parameter], pad_to: int = 1, names: Sequence[str] | None = None
+        self,
+        params: Sequence[nn.Parameter],
+        pad_to: int = 1,
+        names: Sequence[str] | None = None,
+        with_grad: bool = True,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not params:
             raise ValueError("FlatBuffer needs at least one parameter")
@@ -46,6 +57,41 @@ class FlatBuffer:
             )
         if any(hasattr(p, _OWNER_ATTR) for p in params):
             raise ValueError("a parameter already lives in a FlatBuffer; flatten each parameter once")
+        self._layout(params, names, pad_to)
+        dtype = dtype or params[0].dtype
+        self.data = torch.zeros(padded_size(self.numel, pad_to), dtype=dtype, device=params[0].device)
+        torch.cat([p.detach().reshape(-1).to(dtype) for p in params], out=self.data[: self.numel])
+        self.grad = torch.zeros_like(self.data) if with_grad else None
+        for i, p in enumerate(params):
+            grad = p.grad
+            p.data = self.view(i)
+            p.grad = None
+            if self.grad is not None:
+                if grad is not None:  # flattened between backward and step: keep the gradient
+                    self.grad_views[i].copy_(grad)
+                p.grad = self.grad_views[i]
+            setattr(p, _OWNER_ATTR, (self, i))
+
+    @classmethod
+    def adopt(
+        cls, params: Sequence[nn.Parameter], offsets: Sequence[int], data: torch.Tensor, grad: torch.Tensor
+    ) -> FlatBuffer:
+        """A FlatBuffer over parameters that already are views of ``data`` at ``offsets`` (nothing is copied).
+
+        Gaps between them (padding) belong to no parameter. Used for the fp32 master shard of ZeRO,
+        whose layout the strategy decides.
+        """
+        self = cls.__new__(cls)
+        self._layout(params, None, 1)
+        self.offsets = list(offsets)
+        self.data, self.grad = data, grad
+        self.grad_views = [grad[o : o + n].view_as(p) for o, n, p in zip(self.offsets, self.numels, params)]
+        for i, p in enumerate(params):
+            p.grad = self.grad_views[i]
+            setattr(p, _OWNER_ATTR, (self, i))
+        return self
+
+    def _layout(self, params: Sequence[nn.Parameter], names: Sequence[str] | None, pad_to: int) -> None:
         self.params = list(params)
         self.names = list(names) if names is not None else [f"param{i}" for i in range(len(params))]
         self.numels = [p.numel() for p in params]
@@ -54,21 +100,28 @@ class FlatBuffer:
             self.offsets.append(self.offsets[-1] + n)
         self.numel = sum(self.numels)
         self.pad_to = pad_to
-        dtype, device = params[0].dtype, params[0].device
-
-        self.data = torch.zeros(padded_size(self.numel, pad_to), dtype=dtype, device=device)
-        torch.cat([p.detach().reshape(-1) for p in params], out=self.data[: self.numel])
-        self.grad = torch.zeros_like(self.data)
-        self.grad_views = [
-            self.grad[o : o + n].view_as(p) for o, n, p in zip(self.offsets, self.numels, params)
-        ]
-        for i, p in enumerate(params):
-            p.data = self.data[self.offsets[i] : self.offsets[i] + self.numels[i]].view_as(p)
-            if p.grad is not None:  # flattened between backward and step: keep the gradient
-                self.grad_views[i].copy_(p.grad)
-            p.grad = self.grad_views[i]
-            setattr(p, _OWNER_ATTR, (self, i))
         self._hooks: list = []
+
+    def cast_(self, dtype: torch.dtype) -> None:
+        """Move the parameters (and gradient buffer) to ``dtype`` in place: mixed precision's compute copy."""
+        if dtype == self.data.dtype:
+            return
+        self.data = self.data.to(dtype)
+        if self.grad is not None:
+            self.grad = torch.zeros_like(self.data)
+            self.__dict__.pop("grad_views", None)
+        for i, p in enumerate(self.params):
+            p.data = self.view(i)
+            if self.grad is not None:
+                p.grad = self.grad_views[i]
+
+    def view(self, i: int) -> torch.Tensor:
+        """Parameter ``i``'s slice of the flat data, in the parameter's shape."""
+        return self.data[self.offsets[i] : self.offsets[i] + self.numels[i]].view(self.params[i].shape)
+
+    @functools.cached_property
+    def grad_views(self) -> list[torch.Tensor]:
+        return [self.grad[o : o + n].view_as(p) for o, n, p in zip(self.offsets, self.numels, self.params)]
 
     def __repr__(self) -> str:
         return f"FlatBuffer({len(self.params)} params, {self.numel} elements, {self.data.dtype}, pad_to={self.pad_to})"
@@ -88,6 +141,8 @@ class FlatBuffer:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(i, on_ready)))
 
     def _make_hook(self, i: int, on_ready: Callable[[int], None] | None) -> Callable[[nn.Parameter], None]:
+        if self.grad is None:
+            return lambda param: on_ready(i) if on_ready is not None else None
         view = self.grad_views[i]
 
         def hook(param: nn.Parameter) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.testing import assert_close
 
 import plait
 from plait.models import GPT, GPTConfig
@@ -23,6 +24,9 @@ from plait.models import GPT, GPTConfig
 # a constant added to every score of a row), so in practice it is rounding noise, which Adam's
 # normalisation blows up to full-size updates in random directions: a parity test cannot use it.
 CONFIG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)
+# odd sizes: no bucket or unit divides evenly over 2 or 4 ranks, so the shards need padding
+ODD = GPTConfig(vocab_size=61, block_size=15, n_layer=2, n_head=2, n_embd=30, dropout=0.0, bias=False)
+CONFIGS = {"default": CONFIG, "odd": ODD}
 GLOBAL_BATCH = 8
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -37,19 +41,21 @@ def optimizer_factory(kind: str) -> Callable[[Any], torch.optim.Optimizer]:
     }[kind]
 
 
-def make_model(seed: int = 0, config: GPTConfig = CONFIG) -> GPT:
+def make_model(seed: int = 0, config: str = "default", freeze: tuple[str, ...] = ()) -> GPT:
     torch.manual_seed(seed)
-    return GPT(config)
+    model = GPT(CONFIGS[config])
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in freeze)
+    return model
 
 
 def global_batches(
-    steps: int, seed: int = 1234, config: GPTConfig = CONFIG
+    steps: int, seed: int = 1234, config: str = "default"
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    shape = CONFIGS[config]
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        tokens = torch.randint(
-            0, config.vocab_size, (GLOBAL_BATCH, config.block_size + 1), generator=generator
-        )
+        tokens = torch.randint(0, shape.vocab_size, (GLOBAL_BATCH, shape.block_size + 1), generator=generator)
         yield tokens[:, :-1], tokens[:, 1:]
 
 
@@ -57,11 +63,13 @@ def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
-def reference_run(steps: int, optimizer: str = "adamw") -> tuple[list[float], dict[str, torch.Tensor]]:
-    model = make_model()
+def reference_run(
+    steps: int, optimizer: str = "adamw", config: str = "default", freeze: tuple[str, ...] = ()
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = make_model(config=config, freeze=freeze)
     opt = optimizer_factory(optimizer)(model.parameters())
     losses = []
-    for x, y in global_batches(steps):
+    for x, y in global_batches(steps, config=config):
         loss = loss_fn(model, x, y)
         loss.backward()
         opt.step()
@@ -76,20 +84,22 @@ def distributed_run(
     optimizer: str = "adamw",
     accumulate: int = 1,
     seed_by_rank: bool = False,
+    config: str = "default",
+    freeze: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train under ``strategy`` on this rank's slice of each global batch.
 
     ``accumulate`` > 1 splits the slice into micro-batches, all but the last under ``model.no_sync()``.
     ``seed_by_rank`` initialises each rank's model differently, to show setup makes the replicas equal.
-    Returns the global mean loss per step, the final full state dict and the bytes sent per step.
+    Returns the global mean loss per step, the final full state dict, the bytes sent per step, the
+    logits of an evaluation forward under ``torch.no_grad()``, and the memory report.
     """
     ctx = plait.init()
-    model, opt = plait.setup(
-        make_model(ctx.rank if seed_by_rank else 0), strategy, optimizer_factory(optimizer)
-    )
+    model = make_model(ctx.rank if seed_by_rank else 0, config, freeze)
+    model, opt = plait.setup(model, strategy, optimizer_factory(optimizer))
     local = GLOBAL_BATCH // ctx.world_size
     losses, bytes_per_step = [], []
-    for x, y in global_batches(steps):
+    for x, y in global_batches(steps, config=config):
         x, y = x[ctx.rank * local : (ctx.rank + 1) * local], y[ctx.rank * local : (ctx.rank + 1) * local]
         sent_before = ctx.stats.bytes_sent
         local_loss = 0.0
@@ -106,10 +116,32 @@ def distributed_run(
         reported = torch.tensor([local_loss])
         dist.all_reduce(reported)
         losses.append(reported.item() / ctx.world_size)
-    runtime = model.plait_runtime
+    with torch.no_grad():
+        evaluation = model(next(global_batches(1, seed=99, config=config))[0]).float()
     return {
         "losses": losses,
         "state": plait.full_state_dict(model),
         "bytes_per_step": bytes_per_step,
-        "theory_bytes": runtime.theory_bytes_per_step(),
+        "theory_bytes": model.plait_runtime.theory_bytes_per_step(),
+        "eval": evaluation,
+        "memory": plait.memory_report(model, opt),
     }
+
+
+def reference_eval(state: dict[str, torch.Tensor], config: str = "default") -> torch.Tensor:
+    """Logits of the evaluation batch ``distributed_run`` uses, from a single-process model with ``state``."""
+    model = make_model(config=config)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(next(global_batches(1, seed=99, config=config))[0])
+
+
+def assert_matches_reference(result: dict[str, Any], reference: tuple, **tolerance: float) -> None:
+    """Every step's loss and every final parameter (and buffer) agree with the reference."""
+    losses, state = reference
+    assert_close(torch.tensor(result["losses"]), torch.tensor(losses), **tolerance)
+    assert result["state"].keys() == state.keys()
+    for name in state:
+        assert_close(
+            result["state"][name].float(), state[name], **tolerance, msg=lambda m, n=name: f"{n}: {m}"
+        )

@@ -2,21 +2,12 @@
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 import plait
 from tests.harness import RankFailure, run_ranks
-from tests.reference import FP32, distributed_run, make_model, reference_run
+from tests.reference import FP32, assert_matches_reference, distributed_run, make_model, reference_run
 
 STEPS = 6
-
-
-def assert_matches_reference(result, reference, **tolerance):
-    losses, state = reference
-    assert_close(torch.tensor(result["losses"]), torch.tensor(losses), **tolerance)
-    assert result["state"].keys() == state.keys()
-    for name in state:
-        assert_close(result["state"][name], state[name], **tolerance, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from plait.comm.algorithms import AlgorithmTable
 from plait.comm.group import Group
 from plait.comm.stats import CommStats
 from plait.errors import ConfigError
@@ -36,6 +37,8 @@ class Context:
     """Every rank: the group data parallelism uses when there is no mesh."""
     stats: CommStats
     """Bytes, time and the op log of every collective this process made."""
+    algorithms: AlgorithmTable
+    """Which reduce-scatter / all-gather algorithm each message size uses (measured or pinned)."""
 
     def split(self, partition: list[list[int]], name: str) -> Group:
         """One group per list of global ranks in ``partition``; returns the one holding this rank.
@@ -49,7 +52,7 @@ class Context:
                 f"rank {self.rank} is in {len(mine)} of the groups {partition}; it must be in exactly one"
             )
         pgs = {tuple(ranks): dist.new_group(ranks) for ranks in partition} if self.world_size > 1 else {}
-        return Group(pgs.get(tuple(mine[0])), name, self.stats)
+        return Group(pgs.get(tuple(mine[0])), name, self.stats, self.algorithms, self.device)
 
 
 def _env_int(name: str) -> int | None:
@@ -110,14 +113,16 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> Context:
                 device_id=device if device.type == "cuda" else None,
             )
     stats = CommStats()
+    algorithms = AlgorithmTable()
     _current = Context(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
         backend=dist.get_backend(),
         device=device,
-        world=Group(None, "world", stats),
+        world=Group(None, "world", stats, algorithms, device),
         stats=stats,
+        algorithms=algorithms,
     )
     return _current
 

@@ -16,35 +16,42 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from plait.comm.algorithms import (
+    REDUCE_OPS,
+    AlgorithmTable,
+    Launch,
+    all_gather_launcher,
+    reduce_scatter_launcher,
+)
 from plait.comm.stats import CommStats, OpRecord, bus_bytes
-
-# torch 2.13 renamed the tensor collectives (the old names warn); older releases only have the old ones
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-
-_REDUCE_OPS = {
-    "sum": dist.ReduceOp.SUM,
-    "avg": dist.ReduceOp.AVG,
-    "max": dist.ReduceOp.MAX,
-    "min": dist.ReduceOp.MIN,
-}
 
 
 class Handle:
     """An op in flight. ``wait()`` blocks until it is complete, then runs the ``then`` callbacks once."""
 
-    def __init__(self, work: dist.Work | None, record: OpRecord, stats: CommStats, op: str) -> None:
+    def __init__(
+        self,
+        work: dist.Work | None,
+        record: OpRecord,
+        stats: CommStats,
+        op: str,
+        finish: Callable[[], None] | None = None,
+    ) -> None:
         self._work = work
         self._record = record
         self._stats = stats
         self._op = op
-        self._then: list[Callable[[], None]] = []
+        self._then: list[Callable[[], None]] = [finish] if finish is not None else []
         self.done = False
 
     def then(self, fn: Callable[[], None]) -> Handle:
         """Run ``fn`` right after the op completes (inside ``wait``): e.g. copy a bf16 result back."""
         self._then.append(fn)
         return self
+
+    def poll(self) -> bool:
+        """True once the op has completed (then ``wait`` returns at once); never blocks."""
+        return self.done or self._work is None or self._work.is_completed()
 
     def wait(self) -> None:
         if self.done:
@@ -66,10 +73,19 @@ class Group:
     ``name`` labels the group in logs ("world", "dp", "tp", "pp", ...).
     """
 
-    def __init__(self, pg: dist.ProcessGroup | None, name: str, stats: CommStats) -> None:
+    def __init__(
+        self,
+        pg: dist.ProcessGroup | None,
+        name: str,
+        stats: CommStats,
+        algorithms: AlgorithmTable | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.pg = pg
         self.name = name
         self.stats = stats
+        self.algorithms = algorithms if algorithms is not None else AlgorithmTable(pinned={})
+        self.device = device or torch.device("cpu")
         self.size = dist.get_world_size(pg) if dist.is_initialized() else 1
         self.rank = dist.get_rank(pg) if dist.is_initialized() else 0
 
@@ -82,19 +98,28 @@ class Group:
         self,
         op: str,
         tensor: torch.Tensor,
-        launch: Callable[[], dist.Work | None],
+        launch: Callable[[], dist.Work | None] | Launch,
         async_op: bool,
         sent: int,
         received: int = 0,
+        algorithm: str | None = None,
     ) -> Handle | None:
+        """Log, launch (skipped on a group of one), account bytes and launch time, and wait unless async.
+
+        ``launch`` returns a work handle or, for ops with an ``algorithm``, a work handle and a
+        completion step to run once the work is done.
+        """
         nbytes = tensor.numel() * tensor.element_size()
         record = self.stats.begin(
             op, self.name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), nbytes
         )
+        record.algorithm = algorithm
         start = time.perf_counter()
-        work = launch() if self.size > 1 or op in ("send", "recv") else None
+        work, finish = None, None
+        if self.size > 1 or op in ("send", "recv"):
+            work, finish = launch() if algorithm is not None else (launch(), None)
         self.stats.account(op, sent, received, time.perf_counter() - start)
-        handle = Handle(work, record, self.stats, op)
+        handle = Handle(work, record, self.stats, op, finish)
         if async_op:
             return handle
         handle.wait()
@@ -108,7 +133,7 @@ class Group:
         return self._run(
             "all_reduce",
             tensor,
-            lambda: dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=self.pg, async_op=True),
+            lambda: dist.all_reduce(tensor, op=REDUCE_OPS[op], group=self.pg, async_op=True),
             async_op,
             bus_bytes("all_reduce", nbytes, self.size),
         )
@@ -120,12 +145,14 @@ class Group:
         if self.size == 1:
             output.copy_(input.view_as(output))
         nbytes = input.numel() * input.element_size()
+        algorithm = self.algorithms.choose("reduce_scatter", input.dtype, nbytes)
         return self._run(
             "reduce_scatter",
             input,
-            lambda: _reduce_scatter_single(output, input, op=_REDUCE_OPS[op], group=self.pg, async_op=True),
+            reduce_scatter_launcher(algorithm, output, input, op, self.pg, self.size),
             async_op,
             bus_bytes("reduce_scatter", nbytes, self.size),
+            algorithm=algorithm,
         )
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Handle | None:
@@ -133,12 +160,14 @@ class Group:
         if self.size == 1:
             output.view_as(input).copy_(input)
         nbytes = output.numel() * output.element_size()
+        algorithm = self.algorithms.choose("all_gather", output.dtype, nbytes)
         return self._run(
             "all_gather",
             output,
-            lambda: _all_gather_single(output, input, group=self.pg, async_op=True),
+            all_gather_launcher(algorithm, output, input, self.pg, self.size),
             async_op,
             bus_bytes("all_gather", nbytes, self.size),
+            algorithm=algorithm,
         )
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Handle | None:
@@ -166,6 +195,10 @@ class Group:
             nbytes if self.rank == src else 0,
             0 if self.rank == src else nbytes,
         )
+
+    def calibrate(self, op: str, dtype: torch.dtype, nbytes: int) -> None:
+        """Measure and fix the fastest algorithm for ``op`` on messages like this one (collective)."""
+        self.algorithms.calibrate(self, op, dtype, nbytes)
 
     def barrier(self) -> None:
         """Every rank of the group reaches this point before any leaves it (a tiny all_reduce)."""

@@ -59,6 +59,7 @@ class OpRecord:
     site: str
     started: float
     finished: float | None = None
+    algorithm: str | None = None
 
     def describe(self) -> str:
         state = "done" if self.finished is not None else "pending"

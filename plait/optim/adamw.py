@@ -51,10 +51,15 @@ class AdamW(FlatOptimizer):
         if weight_decay < 0:
             raise ConfigError(f"weight_decay={weight_decay} must be >= 0")
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            fused=fused,
         )
         super().__init__(params, defaults)
-        self.fused = fused
         self.state_names = (
             ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
         )
@@ -63,7 +68,7 @@ class AdamW(FlatOptimizer):
         self, group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor]
     ) -> None:
         state["step"] += 1
-        if self.fused is not False and fused_kernels_available(param):
+        if self.defaults["fused"] is not False and fused_kernels_available(param):
             torch._fused_adamw_(
                 [param],
                 [grad],

@@ -29,6 +29,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._runs: list[list[FlatRun]] | None = None
         self._flat_state: list[list[dict[str, torch.Tensor]]] = []
+        self._skip_next = False
+        self.skipped_steps = 0
+
+    def skip_next_step(self) -> None:
+        """Make the next ``step()`` a no-op (fp16 loss scaling found inf/nan gradients): no update, no step count."""
+        self._skip_next = True
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -67,6 +73,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._skip_next:
+            self._skip_next = False
+            self.skipped_steps += 1
+            return loss
         runs = self._ensure_flat()
         for g, (group, group_runs) in enumerate(zip(self.param_groups, runs)):
             for r, run in enumerate(group_runs):

@@ -50,9 +50,9 @@ class SGD(FlatOptimizer):
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            fused=fused,
         )
         super().__init__(params, defaults)
-        self.fused = fused
         self.state_names = ("momentum_buffer",) if momentum else ()
 
     def update(
@@ -61,7 +61,7 @@ class SGD(FlatOptimizer):
         first = bool(state["step"] == 0)
         state["step"] += 1
         momentum = group["momentum"]
-        if self.fused is not False and fused_kernels_available(param):
+        if self.defaults["fused"] is not False and fused_kernels_available(param):
             torch._fused_sgd_(
                 [param],
                 [grad],

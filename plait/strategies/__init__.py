@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from plait.errors import ConfigError
 from plait.strategies.base import PlaitModule, Runtime, Strategy
 from plait.strategies.ddp import DDP
 from plait.strategies.plain import Plain
+from plait.strategies.zero import Zero
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Plain, DDP)}
+STRATEGIES: dict[str, Callable[[], Strategy]] = {
+    "none": Plain,
+    "ddp": DDP,
+    "zero1": lambda: Zero(stage=1),
+    "zero2": lambda: Zero(stage=2),
+    "zero3": lambda: Zero(stage=3),
+}
 
 
 def resolve(strategy: str | Strategy) -> Strategy:
@@ -21,4 +30,4 @@ def resolve(strategy: str | Strategy) -> Strategy:
     )
 
 
-__all__ = ["DDP", "STRATEGIES", "Plain", "PlaitModule", "Runtime", "Strategy", "resolve"]
+__all__ = ["DDP", "STRATEGIES", "Plain", "PlaitModule", "Runtime", "Strategy", "Zero", "resolve"]

@@ -50,6 +50,26 @@ class Runtime:
         """Bytes one rank should send per optimizer step by the algorithm's theory (0: no communication)."""
         return 0
 
+    def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this runtime keeps alive, by role (see ``plait.memory_report``)."""
+        params = list(self.module.parameters())
+        master = getattr(self, "master", None)
+        return {
+            "parameters": params + self.parameter_tensors(),
+            "gradients": [p.grad for p in params if p.grad is not None]
+            + self.gradient_tensors()
+            + ([master.grad] if master is not None else []),
+            "master": [master.data] if master is not None else [],
+        }
+
+    def parameter_tensors(self) -> list[torch.Tensor]:
+        """Parameter storage beyond the module's parameters (zero3's shards)."""
+        return []
+
+    def gradient_tensors(self) -> list[torch.Tensor]:
+        """Gradient storage beyond the parameters' ``.grad`` (flat buffers, shards, bucket pools)."""
+        return []
+
 
 class Strategy:
     """Base class of strategy configs. Subclasses are frozen dataclasses named in :data:`STRATEGIES`."""
@@ -139,3 +159,16 @@ def clip_flat_grads_(grads: list[torch.Tensor], max_norm: float, sum_squares: An
     for g in grads:
         g.mul_(coef.to(g.dtype))
     return total
+
+
+def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Mixed precision: frozen parameters join the compute dtype too (they get no master copy)."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def flat_names(model: nn.Module, flat: Any) -> dict[str, int]:
+    """Every name (tied parameters have several) of each parameter of ``flat``, with its index there."""
+    index = {id(p): i for i, p in enumerate(flat.params)}
+    return {n: index[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in index}

@@ -17,13 +17,16 @@ order becomes the order the buckets actually completed on rank 0. A callback at 
 waits for every bucket, so ``optimizer.step()`` sees averaged gradients.
 
 Communication per step and rank: 2(N-1)/N x (gradient bytes), in ``grad_dtype`` when set.
+
+Mixed precision (plait.precision): the flat buffers hold the compute copy (bf16/fp16), gradients are
+all-reduced in it, and an fp32 master of every parameter (each rank holds all of them: this is data
+parallelism) is what the optimizer steps on; the compute copy is refreshed from it after each step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -32,8 +35,18 @@ from torch import nn
 from plait.buffers import Bucket, FlatBuffer, make_buckets
 from plait.comm import Context, Group, Handle
 from plait.errors import ConfigError
-from plait.precision import parse_dtype
-from plait.strategies.base import Runtime, Strategy, clip_flat_grads_, group_ordered, parameter_names
+from plait.precision import DynamicLossScaler, parse_dtype, parse_mixed_precision
+from plait.strategies.base import (
+    Runtime,
+    Strategy,
+    cast_frozen_parameters,
+    clip_flat_grads_,
+    flat_names,
+    group_ordered,
+    parameter_names,
+)
+from plait.strategies.bucketing import GradientBuckets
+from plait.strategies.master import MasterWeights, pieces_of, scale_output_gradients
 
 _MIB = 2**20
 
@@ -47,7 +60,10 @@ class DDP(Strategy):
     bucket_mb: float = 25.0
     """Gradient bytes per all-reduce message. Smaller buckets start communicating earlier in backward."""
     grad_dtype: str | None = None
-    """Dtype gradients travel in ("bf16", "fp16", "fp32"); None keeps the parameters' dtype."""
+    """Dtype gradients travel in ("bf16", "fp16", "fp32"); None: the parameters' (compute) dtype."""
+    mixed_precision: str | None = None
+    """"bf16" or "fp16": parameters and gradients in that dtype, an fp32 master copy for the optimizer
+    (plait.precision describes the policy); "fp16" adds dynamic loss scaling."""
     find_unused_parameters: bool = False
     """Tolerate parameters that get no gradient in a backward (treated as zero) instead of raising."""
 
@@ -55,13 +71,14 @@ class DDP(Strategy):
         if not self.bucket_mb > 0:
             raise ConfigError(f"bucket_mb={self.bucket_mb} must be > 0 (the default is 25)")
         parse_dtype(self.grad_dtype, "grad_dtype")
+        parse_mixed_precision(self.mixed_precision)
 
     def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context) -> Runtime:
         return DDPRuntime(self, model, optimizer, ctx.world)
 
 
 def replicate_from_rank0(model: nn.Module, buffers: list[FlatBuffer], group: Group) -> None:
-    """Make every replica equal to rank 0's: one broadcast per flat buffer, one for everything else."""
+    """Make every replica equal to rank 0's: one broadcast per flat buffer, one per dtype for the rest."""
     for flat in buffers:
         group.broadcast(flat.data, src=0)
     flat_ids = {id(p) for flat in buffers for p in flat.params}
@@ -75,138 +92,127 @@ def replicate_from_rank0(model: nn.Module, buffers: list[FlatBuffer], group: Gro
 
 
 class DDPRuntime(Runtime):
-    """The flat gradient buffers, their buckets, and the all-reduces in flight for one model."""
+    """The flat buffers, their buckets, the all-reduces in flight, and (mixed precision) the fp32 master."""
 
     def __init__(
         self, strategy: DDP, module: nn.Module, optimizer: torch.optim.Optimizer | None, group: Group
     ):
         super().__init__(strategy, module, optimizer)
         self.group = group
-        self.comm_dtype = parse_dtype(strategy.grad_dtype, "grad_dtype")
+        compute = parse_mixed_precision(strategy.mixed_precision)
+        if compute is not None and optimizer is None:
+            raise ConfigError(
+                f"mixed_precision={strategy.mixed_precision!r} needs an optimizer to hold the fp32 master"
+            )
         names = parameter_names(module)
-        ordered = [p for group_params in group_ordered(module, optimizer) for p in reversed(group_params)]
+        groups = group_ordered(module, optimizer)
+        ordered = [p for group_params in groups for p in reversed(group_params)]
         self.buffers = [
             FlatBuffer(params, names=[names[p] for p in params])
             for dtype in dict.fromkeys(p.dtype for p in ordered)
             for params in [[p for p in ordered if p.dtype == dtype]]
         ]
         replicate_from_rank0(module, self.buffers, group)
+        self.comm_dtype = parse_dtype(strategy.grad_dtype, "grad_dtype")
 
-        # buckets of all buffers, numbered globally; bucket_of[(buffer, param)] -> global bucket index
+        self.master = None
+        if compute is not None:
+            group_of = {p: g for g, group_params in enumerate(groups) for p in group_params}
+            self.master = MasterWeights(
+                [piece for flat in self.buffers for piece in pieces_of(flat, group_of)],
+                optimizer,
+                self.buffers[0].data.device,
+                DynamicLossScaler() if compute == torch.float16 else None,
+            )
+            offset = 0
+            for flat in self.buffers:  # the master starts from rank 0's full-precision values
+                self.master.data[offset : offset + flat.numel].copy_(flat.data[: flat.numel])
+                offset += flat.numel
+                flat.cast_(compute)
+            cast_frozen_parameters(module, compute)
+            self.optimizer = self.master.optimizer
+            self.optimizer.register_step_post_hook(lambda *_: self._copy_master_to_model())
+            if self.master.loss_scaler is not None:
+                scale_output_gradients(module, self.master.loss_scaler)
+
+        bucket_of: dict[tuple[int, int], int] = {}
         self.buckets: list[tuple[FlatBuffer, Bucket]] = []
-        self.bucket_of: dict[tuple[int, int], int] = {}
         for b, flat in enumerate(self.buffers):
             cap = max(1, int(strategy.bucket_mb * _MIB) // flat.data.element_size())
             for bucket in make_buckets(flat.numels, cap):
-                for i in bucket.params:
-                    self.bucket_of[(b, i)] = len(self.buckets)
+                bucket_of.update({(b, i): len(self.buckets) for i in bucket.params})
                 self.buckets.append((flat, bucket))
-            flat.install_grad_hooks(on_ready=self._ready_hook(b))
-        self.launch_order = list(range(len(self.buckets)))
-        self._observed_order: list[int] | None = []
-        self._sync = True
-        self._reset_backward_state()
-
-    # -- per-backward state -----------------------------------------------------------------------
-
-    def _reset_backward_state(self) -> None:
-        self._pending = [len(bucket.params) for _, bucket in self.buckets]
-        self._seen: set[tuple[int, int]] = set()
-        self._next = 0
-        self._handles: list[Handle] = []
-        self._callback_queued = False
-
-    def _ready_hook(self, b: int):
-        def on_ready(i: int) -> None:
-            self._param_ready(b, i)
-
-        return on_ready
-
-    def _param_ready(self, b: int, i: int) -> None:
-        if not self._callback_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
-            self._callback_queued = True
-        if not self._sync or (b, i) in self._seen:
-            return
-        self._seen.add((b, i))
-        k = self.bucket_of[(b, i)]
-        self._pending[k] -= 1
-        if self._pending[k] == 0:
-            if self._observed_order is not None:
-                self._observed_order.append(k)
-            self._launch_ready_buckets()
-
-    def _launch_ready_buckets(self) -> None:
-        """Launch, in ``launch_order``, every bucket whose gradients are all ready, up to the first that is not."""
-        while self._next < len(self.launch_order) and self._pending[self.launch_order[self._next]] == 0:
-            self._handles.append(self._launch(self.launch_order[self._next]))
-            self._next += 1
+        self.schedule = GradientBuckets(
+            self.buffers,
+            bucket_of,
+            group,
+            self._launch,
+            strategy.find_unused_parameters,
+            on_unused=self._zero_unused,
+            on_synced=self._synced if self.master is not None else None,
+        )
 
     def _launch(self, k: int) -> Handle:
         flat, bucket = self.buckets[k]
         grad = flat.grad[bucket.start : bucket.stop]
-        world = self.group.size
         if self.comm_dtype is None or self.comm_dtype == grad.dtype:
             return self.group.all_reduce(grad, op="avg", async_op=True)
-        # pre-divide in full precision, then sum in the (narrower) communication dtype
-        message = grad.div(world).to(self.comm_dtype)
+        # pre-divide in the gradients' precision, then sum in the communication dtype
+        message = grad.div(self.group.size).to(self.comm_dtype)
         return self.group.all_reduce(message, op="sum", async_op=True).then(lambda: grad.copy_(message))
 
-    def _finish_backward(self) -> None:
-        """End of backward: launch what is left, wait for every bucket, get ready for the next backward."""
-        try:
-            if not self._sync:
-                return
-            if len(self._seen) != len(self.bucket_of):
-                self._treat_unused([key for key in self.bucket_of if key not in self._seen])
-            self._launch_ready_buckets()
-            for handle in self._handles:
-                handle.wait()
-            if self._observed_order is not None:
-                self._adopt_observed_order()
-        finally:
-            self._reset_backward_state()
+    def _zero_unused(self, b: int, i: int) -> None:
+        flat = self.buffers[b]
+        param = flat.params[i]
+        if param.grad is not flat.grad_views[i]:  # no gradient since the last zero_grad: it is zero
+            flat.grad_views[i].zero_()
+            param.grad = flat.grad_views[i]
 
-    def _treat_unused(self, missing: list[tuple[int, int]]) -> None:
-        names = [self.buffers[b].names[i] for b, i in missing]
-        if not self.strategy.find_unused_parameters:
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise RuntimeError(
-                f"DDP: {len(names)} parameter(s) received no gradient in this backward: {shown}. "
-                "Every rank must produce a gradient for every trainable parameter; if some are unused by "
-                "design, set requires_grad=False on them or use plait.DDP(find_unused_parameters=True)."
-            )
-        for b, i in missing:
-            flat = self.buffers[b]
-            param = flat.params[i]
-            if param.grad is not flat.grad_views[i]:  # no gradient since the last zero_grad: it is zero
-                flat.grad_views[i].zero_()
-                param.grad = flat.grad_views[i]
-            k = self.bucket_of[(b, i)]
-            self._pending[k] -= 1
-            if self._pending[k] == 0 and self._observed_order is not None:
-                self._observed_order.append(k)
+    def _synced(self) -> None:
+        """Mixed precision: the averaged gradients become the master's fp32 gradients."""
+        offset = 0
+        for flat in self.buffers:
+            self.master.grad[offset : offset + flat.numel].copy_(flat.grad[: flat.numel])
+            offset += flat.numel
+        self.master.unscale_and_check(self.group)
+        self.master.attach_grads()
+        for flat in self.buffers:  # the next backward overwrites the compute-dtype gradients
+            for p in flat.params:
+                p.grad = None
 
-    def _adopt_observed_order(self) -> None:
-        """Launch buckets from now on in the order they completed in rank 0's first backward."""
-        order = torch.tensor(self._observed_order, dtype=torch.int64)
-        self.group.broadcast(order, src=0)
-        self.launch_order = order.tolist()
-        self._observed_order = None
+    def _copy_master_to_model(self) -> None:
+        offset = 0
+        for flat in self.buffers:
+            flat.data[: flat.numel].copy_(self.master.data[offset : offset + flat.numel])
+            offset += flat.numel
 
     # -- Runtime interface ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        previous, self._sync = self._sync, False
-        try:
-            yield
-        finally:
-            self._sync = previous
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        return self.schedule.no_sync()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """The gradients are replicated after backward: clip each flat buffer with no communication."""
+        """The gradients are replicated after backward: clip with no communication."""
+        if self.master is not None:
+            return clip_flat_grads_([self.master.grad], max_norm)
         return clip_flat_grads_([flat.grad[: flat.numel] for flat in self.buffers], max_norm)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().full_state_dict()
+        if self.master is None:
+            return state
+        offset = 0
+        for flat in self.buffers:  # the fp32 master holds the true values of the trainable parameters
+            for name, i in flat_names(self.module, flat).items():
+                start = offset + flat.offsets[i]
+                state[name] = (
+                    self.master.data[start : start + flat.numels[i]].view(flat.params[i].shape).clone()
+                )
+            offset += flat.numel
+        return state
+
+    def gradient_tensors(self) -> list[torch.Tensor]:
+        return [flat.grad for flat in self.buffers]
 
     def theory_bytes_per_step(self) -> int:
         world = self.group.size

@@ -1,0 +1,179 @@
+"""Interchangeable ways to reduce-scatter and all-gather, and the measured choice between them.
+
+Each candidate moves the same bytes per rank ((N-1)/N of the full tensor); they differ in how fast
+a backend moves them. On gloo here the native reduce-scatter reaches about a third of what an
+all-to-all followed by a local sum does (shared/FACTS.md; ``plait bench --comm`` re-measures), which is
+much of why ZeRO-2/3 and FSDP trail DDP on CPU. So the comm layer measures the candidates once per
+(op, dtype, message size class) on the job's own group, rank 0's choice is broadcast so every rank
+runs the same algorithm, and the result is cached for the process. A table can be pinned instead
+with ``PLAIT_COLLECTIVES`` (``"reduce_scatter=all_to_all,all_gather=native"``), which skips measuring.
+
+    reduce_scatter  native      torch's reduce_scatter_single
+                    all_to_all  all_to_all_single into a scratch tensor, then a local sum over ranks
+    all_gather      native      torch's all_gather_single
+                    all_to_all  every rank sends its chunk to every rank with all_to_all_single
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from plait.errors import ConfigError
+
+# torch 2.13 renamed the tensor collectives (the old names warn); older releases only have the old ones
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+REDUCE_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "avg": dist.ReduceOp.AVG,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+}
+
+Launch = Callable[[], tuple[dist.Work | None, Callable[[], None] | None]]
+"""Starts an op; returns its work handle and what to run once it completed (or None)."""
+
+
+def reduce_scatter_launcher(
+    algorithm: str,
+    output: torch.Tensor,
+    input: torch.Tensor,
+    op: str,
+    pg: dist.ProcessGroup | None,
+    size: int,
+) -> Launch:
+    if algorithm == "native":
+        return lambda: (
+            reduce_scatter_single(output, input, op=REDUCE_OPS[op], group=pg, async_op=True),
+            None,
+        )
+    if algorithm == "all_to_all":
+        if op not in ("sum", "avg"):
+            raise ValueError(f"all_to_all reduce-scatter supports sum and avg, not {op}")
+
+        def launch():
+            scratch = torch.empty_like(input)
+            work = dist.all_to_all_single(scratch, input, group=pg, async_op=True)
+
+            def finish() -> None:
+                # accumulate the N contributions in fp32 (more exact for bf16, and faster on CPU)
+                total = scratch.view(size, -1).sum(0, dtype=torch.float32)
+                if op == "avg":
+                    total.div_(size)
+                output.view(-1).copy_(total)
+
+            return work, finish
+
+        return launch
+    raise ConfigError(f"reduce_scatter algorithm {algorithm!r} is not known; use one of {REDUCE_SCATTER}")
+
+
+def all_gather_launcher(
+    algorithm: str, output: torch.Tensor, input: torch.Tensor, pg: dist.ProcessGroup | None, size: int
+) -> Launch:
+    if algorithm == "native":
+        return lambda: (all_gather_single(output, input, group=pg, async_op=True), None)
+    if algorithm == "all_to_all":
+        return lambda: (
+            dist.all_to_all_single(output, input.reshape(-1).repeat(size), group=pg, async_op=True),
+            None,
+        )
+    raise ConfigError(f"all_gather algorithm {algorithm!r} is not known; use one of {ALL_GATHER}")
+
+
+REDUCE_SCATTER = ("native", "all_to_all")
+ALL_GATHER = ("native", "all_to_all")
+CANDIDATES = {"reduce_scatter": REDUCE_SCATTER, "all_gather": ALL_GATHER}
+
+
+def size_class(nbytes: int) -> int:
+    """Messages are grouped by powers of 4 bytes: 64 KiB, 256 KiB, 1 MiB, ... share a measurement."""
+    return 4 ** max(8, math.ceil(math.log(max(nbytes, 1), 4)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    op: str
+    dtype: str
+    nbytes: int
+    bus_gbps: dict[str, float]
+    chosen: str
+
+
+def pinned_from_env() -> dict[str, str]:
+    """``PLAIT_COLLECTIVES="reduce_scatter=all_to_all,all_gather=native"`` as a dict (empty when unset)."""
+    text = os.environ.get("PLAIT_COLLECTIVES", "").strip()
+    pinned = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        op, _, algorithm = item.partition("=")
+        if op not in CANDIDATES or algorithm not in CANDIDATES[op]:
+            raise ConfigError(
+                f"PLAIT_COLLECTIVES item {item!r} is not op=algorithm with op in {sorted(CANDIDATES)} "
+                f"and algorithm in {CANDIDATES}"
+            )
+        pinned[op] = algorithm
+    return pinned
+
+
+class AlgorithmTable:
+    """The algorithm to use per (op, dtype, size class): pinned, measured, or native until measured."""
+
+    def __init__(self, pinned: dict[str, str] | None = None) -> None:
+        self.pinned = pinned if pinned is not None else pinned_from_env()
+        self.chosen: dict[tuple[str, str, int], str] = {}
+        self.measurements: list[Measurement] = []
+
+    def choose(self, op: str, dtype: torch.dtype, nbytes: int) -> str:
+        if op in self.pinned:
+            return self.pinned[op]
+        return self.chosen.get((op, str(dtype), size_class(nbytes)), "native")
+
+    def calibrate(self, group, op: str, dtype: torch.dtype, nbytes: int, repeats: int = 2) -> None:
+        """Time every candidate on ``group`` for this message size (collective: every rank must call it)."""
+        key = (op, str(dtype), size_class(nbytes))
+        if op in self.pinned or key in self.chosen or group.size == 1:
+            return
+        numel = max(
+            group.size, nbytes // torch.tensor([], dtype=dtype).element_size() // group.size * group.size
+        )
+        full = torch.randn(numel, device=group.device).to(dtype)
+        shard = torch.empty(numel // group.size, dtype=dtype, device=group.device)
+        moved = (group.size - 1) * full.numel() * full.element_size() / group.size
+        speeds = {}
+        for algorithm in CANDIDATES[op]:
+            if op == "reduce_scatter":
+                launch = reduce_scatter_launcher(algorithm, shard, full, "sum", group.pg, group.size)
+            else:
+                launch = all_gather_launcher(algorithm, full, shard, group.pg, group.size)
+            seconds = min(_time(launch, group) for _ in range(repeats + 1))
+            speeds[algorithm] = moved / seconds / 1e9
+        ranking = sorted(CANDIDATES[op], key=lambda a: -speeds[a])
+        decision = torch.tensor([CANDIDATES[op].index(ranking[0])])
+        dist.broadcast(
+            decision, src=dist.get_global_rank(group.pg, 0) if group.pg is not None else 0, group=group.pg
+        )
+        chosen = CANDIDATES[op][int(decision)]
+        self.chosen[key] = chosen
+        self.measurements.append(
+            Measurement(
+                op, str(dtype).removeprefix("torch."), full.numel() * full.element_size(), speeds, chosen
+            )
+        )
+
+
+def _time(launch: Launch, group) -> float:
+    dist.barrier(group=group.pg)
+    start = time.perf_counter()
+    work, finish = launch()
+    work.wait()
+    if finish is not None:
+        finish()
+    return time.perf_counter() - start

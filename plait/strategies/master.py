@@ -1,0 +1,139 @@
+"""The fp32 master copy a rank updates, and the optimizer rebuilt to step on it.
+
+Under mixed precision (and under ZeRO, where a rank updates only its shard) the tensors the
+optimizer steps on are not the model's parameters: they are fp32 "master" pieces that mirror the
+slices of the model's flat buffers this rank owns. :class:`MasterWeights` holds them as one
+contiguous fp32 tensor (and one for their gradients), cut into pieces:
+
+    master.data = [ piece | piece | padding | piece | ... ]      one piece per (slice, optimizer group)
+
+Padding mirrors the flat buffers' padding so a reduce-scatter can write a bucket's shard straight
+into ``master.grad``; it belongs to no parameter and stays zero.
+
+The user's optimizer was built (by the factory passed to ``plait.setup``) over the model's
+parameters; it tells us its class, defaults and per-group hyperparameters. It is rebuilt with the
+same class and hyperparameters over the master pieces, group by group, so each group's pieces form
+one flat run and the update stays one fused call per group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from plait.buffers import FlatBuffer
+from plait.comm import Group
+from plait.errors import ConfigError
+from plait.optim import FlatOptimizer
+from plait.precision import DynamicLossScaler, nonfinite
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """``numel`` elements of the master, belonging to optimizer group ``group`` (None: padding)."""
+
+    numel: int
+    group: int | None
+
+
+def rebuild_optimizer(
+    user: torch.optim.Optimizer, params_by_group: list[list[nn.Parameter]]
+) -> torch.optim.Optimizer:
+    """The same optimizer class and hyperparameters as ``user``, over new parameters, group by group."""
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": params}
+        for group, params in zip(user.param_groups, params_by_group)
+    ]
+    try:
+        return type(user)(groups, **user.defaults)
+    except TypeError as e:
+        raise ConfigError(
+            f"cannot rebuild {type(user).__name__} over the master shard ({e}); use plait.optim.AdamW/SGD "
+            "or a torch.optim optimizer whose constructor takes its defaults as keyword arguments"
+        ) from None
+
+
+class MasterWeights:
+    """fp32 pieces this rank updates, their gradients, and the optimizer over them."""
+
+    def __init__(
+        self,
+        pieces: list[Piece],
+        user_optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        loss_scaler: DynamicLossScaler | None = None,
+    ) -> None:
+        total = sum(p.numel for p in pieces)
+        self.data = torch.zeros(total, dtype=torch.float32, device=device)
+        self.grad = torch.zeros_like(self.data)
+        self.pieces = pieces
+        offsets, params, by_group = [], [], [[] for _ in user_optimizer.param_groups]
+        offset = 0
+        for piece in pieces:
+            if piece.group is not None:
+                param = nn.Parameter(self.data[offset : offset + piece.numel])
+                offsets.append(offset)
+                params.append(param)
+                by_group[piece.group].append(param)
+            offset += piece.numel
+        self.buffer = FlatBuffer.adopt(params, offsets, self.data, self.grad) if params else None
+        if loss_scaler is not None and not isinstance(user_optimizer, FlatOptimizer):
+            raise ConfigError(
+                f"mixed_precision='fp16' skips steps with inf/nan gradients, which needs a plait optimizer; "
+                f"got {type(user_optimizer).__name__}: use plait.optim.AdamW or plait.optim.SGD"
+            )
+        self.optimizer = rebuild_optimizer(user_optimizer, by_group)
+        self.loss_scaler = loss_scaler
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.data.numel() * self.data.element_size()
+
+    def attach_grads(self) -> None:
+        """Point each piece's ``.grad`` at ``master.grad`` again (a torch optimizer may have set it to None)."""
+        if self.buffer is not None:
+            self.buffer.attach_grads()
+
+    def unscale_and_check(self, group: Group) -> None:
+        """fp16: divide the gradients by the loss scale; if any rank saw inf/nan, skip the coming step."""
+        scaler = self.loss_scaler
+        if scaler is None:
+            return
+        self.grad.div_(scaler.scale)
+        found = nonfinite([self.grad])
+        group.all_reduce(found, op="max")
+        found_inf = bool(found.item())
+        scaler.update(found_inf)
+        if found_inf:
+            self.optimizer.skip_next_step()
+
+
+def pieces_of(flat: FlatBuffer, group_of: dict[nn.Parameter, int]) -> list[Piece]:
+    """``flat``'s layout as master pieces: runs of consecutive parameters of one group, then its padding."""
+    pieces: list[Piece] = []
+    for p in flat.params:
+        group = group_of[p]
+        if pieces and pieces[-1].group == group:
+            pieces[-1] = Piece(pieces[-1].numel + p.numel(), group)
+        else:
+            pieces.append(Piece(p.numel(), group))
+    if flat.data.numel() > flat.numel:
+        pieces.append(Piece(flat.data.numel() - flat.numel, None))
+    return pieces
+
+
+def scale_output_gradients(module: nn.Module, scaler: DynamicLossScaler) -> None:
+    """fp16 loss scaling without touching the user's loop: the gradient entering each output is multiplied by the scale."""
+
+    def scale(grad: torch.Tensor) -> torch.Tensor:
+        return grad * scaler.scale
+
+    def after_forward(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        for tensor in torch.utils._pytree.tree_leaves(output):
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                tensor.register_hook(scale)
+
+    module.register_forward_hook(after_forward)

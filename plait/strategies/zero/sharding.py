@@ -1,0 +1,192 @@
+"""What the ZeRO stages share: buckets padded to N, each rank's shard of them, its fp32 master.
+
+Layout (Rajbhandari et al., SC'20; sharded per bucket as Megatron's distributed optimizer does, so a
+bucket's reduce-scatter lands exactly on the shard its owner updates):
+
+    bucket b = FlatBuffer of whole parameters, padded to a multiple of N
+    rank r owns flat_b.data[r * S_b : (r + 1) * S_b], S_b = len(flat_b) / N, in every bucket
+    master  = fp32 [ owned slice of bucket 0 | owned slice of bucket 1 | ... ]   (padding included)
+
+so ``reduce_scatter(master.grad[offset_b : offset_b + S_b], flat_b.grad)`` averages bucket b's
+gradient into the piece of the master that rank r's optimizer steps on, and
+``all_gather(flat_b.data, master[offset_b : offset_b + S_b])`` brings the updated bucket back to
+every rank. Parameters are ordered optimizer group by optimizer group (reverse model order within
+a group, roughly the order backward produces gradients), so each group is one run of the master.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plait.buffers import FlatBuffer, make_buckets
+from plait.comm import Group, Handle
+from plait.precision import DynamicLossScaler
+from plait.strategies.base import clip_flat_grads_, group_ordered, parameter_names
+from plait.strategies.master import MasterWeights, Piece
+
+_MIB = 2**20
+
+
+def group_major_order(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[nn.Parameter], dict]:
+    """Trainable parameters, optimizer group by group, reverse model order within each; and each one's group."""
+    groups = group_ordered(module, optimizer)
+    group_of = {p: g for g, members in enumerate(groups) for p in members}
+    return [p for members in groups for p in reversed(members)], group_of
+
+
+def bucketed_buffers(
+    module: nn.Module, params: list[nn.Parameter], bucket_mb: float, world: int, with_grad: bool
+) -> list[FlatBuffer]:
+    """Cut ``params`` (in order) into buckets of about ``bucket_mb``, one FlatBuffer each, padded to ``world``."""
+    names = parameter_names(module)
+    buckets = make_buckets(
+        [p.numel() for p in params], max(1, int(bucket_mb * _MIB) // params[0].element_size())
+    )
+    out = []
+    for bucket in buckets:
+        members = [params[i] for i in bucket.params]
+        out.append(FlatBuffer(members, pad_to=world, names=[names[p] for p in members], with_grad=with_grad))
+    return out
+
+
+def owned_pieces(flat: FlatBuffer, owned: slice, group_of: dict[nn.Parameter, int]) -> list[Piece]:
+    """The master pieces of one owned slice: runs of one optimizer group, then any padding."""
+    pieces: list[Piece] = []
+    covered = 0
+    for p, offset, numel in zip(flat.params, flat.offsets, flat.numels):
+        overlap = min(offset + numel, owned.stop) - max(offset, owned.start)
+        if overlap <= 0:
+            continue
+        covered += overlap
+        group = group_of[p]
+        if pieces and pieces[-1].group == group:
+            pieces[-1] = Piece(pieces[-1].numel + overlap, group)
+        else:
+            pieces.append(Piece(overlap, group))
+    padding = (owned.stop - owned.start) - covered
+    if padding:
+        pieces.append(Piece(padding, None))
+    return pieces
+
+
+class ShardedMaster:
+    """A rank's shards of a list of buckets, and the fp32 master + optimizer stepping on them."""
+
+    def __init__(
+        self,
+        buckets: list[FlatBuffer],
+        group_of: dict[nn.Parameter, int],
+        optimizer: torch.optim.Optimizer,
+        group: Group,
+        loss_scaler: DynamicLossScaler | None,
+    ) -> None:
+        self.buckets = buckets
+        self.group = group
+        self.owned = [flat.shard(group.rank, group.size) for flat in buckets]
+        self.offsets = []
+        offset = 0
+        for owned in self.owned:
+            self.offsets.append(offset)
+            offset += owned.stop - owned.start
+        pieces = [
+            piece for flat, owned in zip(buckets, self.owned) for piece in owned_pieces(flat, owned, group_of)
+        ]
+        self.master = MasterWeights(pieces, optimizer, buckets[0].data.device, loss_scaler)
+
+    def master_slice(self, b: int, of: torch.Tensor | None = None) -> torch.Tensor:
+        """Bucket ``b``'s shard in the master (``of`` = master.data by default, or master.grad)."""
+        of = self.master.data if of is None else of
+        size = self.owned[b].stop - self.owned[b].start
+        return of[self.offsets[b] : self.offsets[b] + size]
+
+    def load_from(self, sources: list[torch.Tensor]) -> None:
+        """Fill the master from each bucket's owned values (``sources[b]``: that bucket's full flat data)."""
+        for b, source in enumerate(sources):
+            self.master_slice(b).copy_(source[self.owned[b]])
+
+    def reduce_scatter(self, b: int, gradient: torch.Tensor, then=None) -> Handle:
+        """Average bucket ``b``'s full ``gradient`` over ranks into this rank's master gradient shard."""
+        target = self.master_slice(b, self.master.grad)
+        op = "avg"
+        if gradient.dtype == torch.float16:  # pre-divide: a sum of scaled fp16 gradients can overflow
+            gradient.div_(self.group.size)
+            op = "sum"
+        if gradient.dtype == target.dtype:
+            handle = self.group.reduce_scatter(target, gradient, op=op, async_op=True)
+        else:
+            shard = torch.empty(target.numel(), dtype=gradient.dtype, device=gradient.device)
+            handle = self.group.reduce_scatter(shard, gradient, op=op, async_op=True).then(
+                lambda: target.copy_(shard)
+            )
+        if then is not None:
+            handle.then(then)
+        return handle
+
+    def all_gather(self, b: int, output: torch.Tensor) -> Handle:
+        """Every rank's updated shard of bucket ``b`` into ``output`` (the bucket's full flat data)."""
+        shard = self.master_slice(b).to(output.dtype)
+        return self.group.all_gather(output, shard, async_op=True)
+
+    def calibrate(self, dtype: torch.dtype) -> None:
+        """Pick the fastest reduce-scatter / all-gather algorithm for these bucket sizes (collective)."""
+        for nbytes in sorted({flat.data.numel() * dtype.itemsize for flat in self.buckets}):
+            self.group.calibrate("reduce_scatter", dtype, nbytes)
+            self.group.calibrate("all_gather", dtype, nbytes)
+
+
+def clip_sharded_grads_(master: MasterWeights, group: Group, max_norm: float) -> torch.Tensor:
+    """Clip by the global norm of gradients sharded over ``group``: local sums of squares, all-reduced."""
+
+    def sum_squares(local: torch.Tensor) -> torch.Tensor:
+        local = local.reshape(1)
+        group.all_reduce(local)
+        return local[0]
+
+    return clip_flat_grads_([master.grad], max_norm, sum_squares)
+
+
+class BucketPool:
+    """Transient gradient buffers for the buckets being reduced (ZeRO-2/3).
+
+    A buffer goes back to the pool when its reduce-scatter completes, and serves any later bucket
+    that fits in it. Taking a buffer first collects completed ones; if none fits and ``limit``
+    buckets are still in flight, it waits for the oldest. Gradient memory therefore stays at the
+    shard plus about ``limit`` buckets, however large the model.
+    """
+
+    def __init__(self, limit: int = 2) -> None:
+        self.limit = limit
+        self._free: list[torch.Tensor] = []
+        self._in_flight: list[Handle] = []
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of ``numel`` elements (a view of a pooled one when one is large enough)."""
+        self._in_flight = [h for h in self._in_flight if not (h.poll() and h.wait() is None)]
+        while not self._fits(numel) and len(self._in_flight) >= self.limit:
+            self._in_flight.pop(0).wait()
+        fitting = self._fits(numel)
+        if not fitting:
+            return torch.empty(numel, dtype=dtype, device=device)
+        buffer = min(fitting, key=torch.Tensor.numel)
+        self._free = [t for t in self._free if t is not buffer]
+        return buffer[:numel]
+
+    def _fits(self, numel: int) -> list[torch.Tensor]:
+        return [t for t in self._free if t.numel() >= numel]
+
+    def release_after(self, handle: Handle, buffer: torch.Tensor) -> Handle:
+        """Return ``buffer`` (its whole storage) to the pool once ``handle`` completes."""
+        self._in_flight.append(handle)
+        base = buffer if buffer._base is None else buffer._base
+
+        def release() -> None:
+            self._free.append(base)
+            if len(self._free) > self.limit:  # keep the largest few
+                smallest = min(self._free, key=torch.Tensor.numel)
+                self._free = [t for t in self._free if t is not smallest]
+
+        return handle.then(release)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self._free)

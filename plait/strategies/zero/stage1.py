@@ -1,0 +1,151 @@
+"""ZeRO stage 1: partition the optimizer state (Rajbhandari et al., SC'20, section 5.1).
+
+Every rank keeps the whole model and a full gradient buffer, like DDP. Each owns 1/N of every bucket
+(see ``sharding``): the fp32 master of that shard and the optimizer state for it, nothing more.
+
+    backward   as each bucket completes: reduce-scatter its gradient, averaged, into the owner's
+               fp32 master gradient shard                          (N-1)/N x bucket bytes per rank
+    step       the optimizer updates the master shard only (one fused update per group)
+    after step all-gather every bucket's updated shards into the full parameters, asynchronously;
+               the next forward waits for them                     (N-1)/N x bucket bytes per rank
+
+Per step and rank: 2(N-1)/N x the (padded) gradient bytes, exactly DDP's all-reduce, split in two.
+Optimizer state per rank: 1/N of DDP's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from plait.buffers import FlatBuffer
+from plait.comm import Context, Handle
+from plait.errors import ConfigError
+from plait.precision import DynamicLossScaler, parse_mixed_precision
+from plait.strategies.base import Runtime, Strategy, cast_frozen_parameters, flat_names
+from plait.strategies.bucketing import GradientBuckets
+from plait.strategies.ddp import replicate_from_rank0
+from plait.strategies.master import scale_output_gradients
+from plait.strategies.zero.sharding import (
+    ShardedMaster,
+    bucketed_buffers,
+    clip_sharded_grads_,
+    group_major_order,
+)
+
+
+class Stage1Runtime(Runtime):
+    """Full parameters and gradients on every rank; master and optimizer state sharded."""
+
+    keeps_gradient_buffer = True
+
+    def __init__(
+        self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
+    ):
+        super().__init__(strategy, module, optimizer)
+        if optimizer is None:
+            raise ConfigError(f"zero{strategy.stage} shards the optimizer: pass optimizer= to plait.setup")
+        self.group = group = ctx.world
+        self.compute = parse_mixed_precision(strategy.mixed_precision)
+        params, group_of = group_major_order(module, optimizer)
+        self.buckets = bucketed_buffers(
+            module, params, strategy.bucket_mb, group.size, self.keeps_gradient_buffer
+        )
+        replicate_from_rank0(module, self.buckets, group)
+        scaler = DynamicLossScaler() if self.compute == torch.float16 else None
+        self.shards = ShardedMaster(self.buckets, group_of, optimizer, group, scaler)
+        self.shards.load_from([flat.data for flat in self.buckets])  # full precision, before any cast
+        if self.compute is not None:
+            for flat in self.buckets:
+                flat.cast_(self.compute)
+            cast_frozen_parameters(module, self.compute)
+        self.shards.calibrate(self.buckets[0].data.dtype)
+        self.master = self.shards.master
+        self.optimizer = self.master.optimizer
+        self.optimizer.register_step_post_hook(lambda *_: self._gather_updated())
+        self._gathers: list[Handle] = []
+        module.register_forward_pre_hook(lambda *_: self.wait_for_parameters())
+        if scaler is not None:
+            scale_output_gradients(module, scaler)
+        self.schedule = GradientBuckets(
+            self.buckets,
+            {(b, i): b for b, flat in enumerate(self.buckets) for i in range(len(flat.params))},
+            group,
+            self._launch,
+            strategy.find_unused_parameters,
+            on_ready=self._collect,
+            on_unused=self._collect_unused,
+            on_synced=self._synced,
+        )
+
+    # -- backward ---------------------------------------------------------------------------------
+
+    def _collect(self, b: int, i: int) -> None:
+        """A gradient is ready: it already sits in the bucket's gradient buffer (the flat buffer's hook put it there)."""
+
+    def _collect_unused(self, b: int, i: int) -> None:
+        flat = self.buckets[b]
+        if flat.params[i].grad is not flat.grad_views[i]:  # no gradient since the last step: zero
+            flat.grad_views[i].zero_()
+
+    def _launch(self, b: int) -> Handle:
+        return self.shards.reduce_scatter(b, self.buckets[b].grad)
+
+    def _synced(self) -> None:
+        self.master.unscale_and_check(self.group)
+        self.master.attach_grads()
+        self._release_model_gradients()
+
+    def _release_model_gradients(self) -> None:
+        """The reduced gradient lives in the master now; the next backward overwrites the local one."""
+        for flat in self.buckets:
+            for p in flat.params:
+                p.grad = None
+
+    # -- after the step ---------------------------------------------------------------------------
+
+    def _gather_updated(self) -> None:
+        self._gathers = [self.shards.all_gather(b, flat.data) for b, flat in enumerate(self.buckets)]
+
+    def wait_for_parameters(self) -> None:
+        """Block until the all-gathers of the last step's updates have landed (the next forward calls this)."""
+        for handle in self._gathers:
+            handle.wait()
+        self._gathers = []
+
+    # -- Runtime interface ------------------------------------------------------------------------
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        return self.schedule.no_sync()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return clip_sharded_grads_(self.master, self.group, max_norm)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every rank's fp32 master shards gathered (the parameters' true values under mixed precision)."""
+        self.wait_for_parameters()
+        state = super().full_state_dict()
+        for b, flat in enumerate(self.buckets):
+            full = torch.empty(flat.data.numel(), dtype=torch.float32, device=flat.data.device)
+            self.group.all_gather(full, self.shards.master_slice(b))
+            _write_values(state, self.module, flat, full)
+        return state
+
+    def gradient_tensors(self) -> list[torch.Tensor]:
+        return [flat.grad for flat in self.buckets]
+
+    def theory_bytes_per_step(self) -> int:
+        """Reduce-scatter plus all-gather of every (padded) bucket: 2(N-1)/N x gradient bytes, as DDP."""
+        total = sum(flat.data.numel() * flat.data.element_size() for flat in self.buckets)
+        return 2 * (self.group.size - 1) * total // self.group.size
+
+
+def _write_values(state: dict[str, Any], module: nn.Module, flat: FlatBuffer, values: torch.Tensor) -> None:
+    """Put each parameter of ``flat`` into ``state`` (under every name it has) from the flat ``values``."""
+    for name, i in flat_names(module, flat).items():
+        state[name] = (
+            values[flat.offsets[i] : flat.offsets[i] + flat.numels[i]].view(flat.params[i].shape).clone()
+        )

@@ -1,0 +1,333 @@
+"""ZeRO stage 3: partition the parameters too (Rajbhandari et al., SC'20, section 5.3).
+
+The model is cut into *units*: by default each block of its layer lists (every transformer block),
+plus a root unit holding the rest (embeddings, final norm, the tied head). A unit's parameters are
+views of one flat buffer padded to N; between uses its storage is freed and a rank keeps only its
+1/N shard. Around each unit:
+
+    forward   before: unshard (all-gather the shards into the flat buffer; the next unit's gather
+              is already in flight when prefetching); after: reshard (free the storage)
+    backward  before (a hook on the unit's output gradient): unshard again, prefetch the unit
+              whose backward comes next; once all its gradients are ready: reduce-scatter them,
+              averaged, into the owner's fp32 master gradient shard, and reshard
+    step      the optimizer updates the master shard; the compute shard is refreshed from it
+
+Per step and rank: (N-1)/N x parameter bytes for each of the two all-gathers and the reduce-scatter:
+1.5x DDP's 2(N-1)/N. Parameter, gradient and optimizer memory per rank: 1/N of DDP's, plus the
+units gathered at a time (the current one and the prefetched one).
+
+Saved activations that alias a parameter (a linear layer keeps its weight) read the regathered
+storage in backward: the parameter tensors never change, only the storage under them is freed
+and refilled (the approach of FSDP1's flat parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from plait.buffers import FlatBuffer
+from plait.comm import Context, Group, Handle
+from plait.errors import ConfigError
+from plait.precision import DynamicLossScaler, parse_mixed_precision
+from plait.strategies.base import Runtime, Strategy, flat_names, group_ordered, parameter_names
+from plait.strategies.bucketing import GradientBuckets
+from plait.strategies.ddp import replicate_from_rank0
+from plait.strategies.master import scale_output_gradients
+from plait.strategies.zero.sharding import BucketPool, ShardedMaster, clip_sharded_grads_
+
+
+def default_unit_modules(model: nn.Module) -> list[nn.Module]:
+    """Each child with parameters of every ``nn.ModuleList`` in the model; else the root's direct children."""
+    units = [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module]
+    units = [u for u in units if any(True for _ in u.parameters())]
+    if not units:
+        units = [child for child in model.children() if any(True for _ in child.parameters())]
+    return units
+
+
+class Unit:
+    """One module's parameters: gathered and freed together, sharded in between."""
+
+    def __init__(
+        self, name: str, module: nn.Module, trainable: FlatBuffer | None, frozen: FlatBuffer | None
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.buffers = [flat for flat in (trainable, frozen) if flat is not None]
+        self.trainable = trainable
+        self.shards: list[torch.Tensor] = []  # this rank's slice of each buffer, kept while resharded
+        self.handles: list[Handle] = []
+        self.gathered = True
+
+    def reshard(self) -> None:
+        """Free the full storage; only the shards remain."""
+        if not self.gathered:
+            return
+        self.wait()
+        for flat in self.buffers:
+            flat.data.untyped_storage().resize_(0)
+        self.gathered = False
+
+    def unshard(self, group: Group) -> None:
+        """Start gathering every rank's shard into the full storage (asynchronously)."""
+        if self.gathered:
+            return
+        for flat, shard in zip(self.buffers, self.shards):
+            flat.data.untyped_storage().resize_(flat.data.numel() * flat.data.element_size())
+            self.handles.append(group.all_gather(flat.data, shard, async_op=True))
+        self.gathered = True
+
+    def wait(self) -> None:
+        for handle in self.handles:
+            handle.wait()
+        self.handles = []
+
+
+class Stage3Runtime(Runtime):
+    """Parameters, gradients and optimizer state all sharded; units gathered around their use."""
+
+    def __init__(
+        self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
+    ):
+        super().__init__(strategy, module, optimizer)
+        if optimizer is None:
+            raise ConfigError("zero3 shards the optimizer: pass optimizer= to plait.setup")
+        self.group = group = ctx.world
+        self.compute = parse_mixed_precision(strategy.mixed_precision)
+        self.prefetch = strategy.prefetch
+        self.units = self._build_units(module, optimizer, strategy.unit_classes)
+        replicate_from_rank0(module, [flat for unit in self.units for flat in unit.buffers], group)
+        self._shard_master(optimizer)
+        self.optimizer = self.master.optimizer
+        if self.compute is not None:
+            self.optimizer.register_step_post_hook(lambda *_: self._refresh_compute_shards())
+        self.forward_order = list(self.units[1:])  # the root unit first, then blocks as recorded
+        self._recorded: list[Unit] | None = []
+        self._install_hooks()
+        if self.master.loss_scaler is not None:
+            scale_output_gradients(module, self.master.loss_scaler)
+        trainable = [u.trainable for u in self.units if u.trainable is not None]
+        self._unit_of_bucket = [u for u in self.units if u.trainable is not None]
+        self.pool = BucketPool()
+        self._filling: dict[int, torch.Tensor] = {}
+        self.schedule = GradientBuckets(
+            trainable,
+            {(b, i): b for b, flat in enumerate(trainable) for i in range(len(flat.params))},
+            group,
+            self._launch,
+            strategy.find_unused_parameters,
+            on_ready=self._collect,
+            on_unused=self._collect_unused,
+            on_synced=self._synced,
+        )
+        # backward finishes the units in reverse order and the root last; adopted from rank 0 after one step
+        self.schedule.launch_order = list(reversed(range(len(trainable))))
+        for unit in self.units:
+            unit.reshard()
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def _build_units(self, module: nn.Module, optimizer: Any, classes: tuple[type, ...] | None) -> list[Unit]:
+        """The root unit (index 0) and one unit per unit module, each parameter in exactly one unit."""
+        modules = (
+            [m for m in module.modules() if isinstance(m, classes) and m is not module]
+            if classes
+            else default_unit_modules(module)
+        )
+        inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
+        modules = [m for m in modules if id(m) not in inner]  # outermost units only
+        owner: dict[nn.Parameter, nn.Module] = {}
+        for m in modules:
+            for p in m.parameters():
+                owner[p] = module if p in owner else m  # shared between units: the root holds it
+        names = parameter_names(module)
+        position = {p: i for i, group in enumerate(group_ordered(module, optimizer)) for p in group}
+        units = []
+        for m in [module, *modules]:
+            mine = [p for p in module.parameters() if owner.get(p, module) is m]
+            trainable = sorted((p for p in mine if p.requires_grad), key=lambda p: position[p])
+            frozen = [p for p in mine if not p.requires_grad]
+            units.append(
+                Unit(
+                    type(m).__name__,
+                    m,
+                    self._flat(trainable, names),
+                    self._flat(frozen, names),
+                )
+            )
+        return units
+
+    def _flat(self, params: list[nn.Parameter], names: dict) -> FlatBuffer | None:
+        if not params:
+            return None
+        return FlatBuffer(params, pad_to=self.group.size, names=[names[p] for p in params], with_grad=False)
+
+    def _shard_master(self, optimizer: Any) -> None:
+        """fp32 master of every unit's trainable shard; compute shards (views of it in fp32) for gathering."""
+        group_of = {p: g for g, members in enumerate(group_ordered(self.module, optimizer)) for p in members}
+        trainable = [u.trainable for u in self.units if u.trainable is not None]
+        scaler = DynamicLossScaler() if self.compute == torch.float16 else None
+        self.shards = ShardedMaster(trainable, group_of, optimizer, self.group, scaler)
+        self.shards.load_from([flat.data for flat in trainable])  # full precision, before any cast
+        if self.compute is not None:
+            for unit in self.units:
+                for flat in unit.buffers:
+                    flat.cast_(self.compute)
+        self.shards.calibrate(trainable[0].data.dtype)
+        self.master = self.shards.master
+        b = 0
+        for unit in self.units:
+            for flat in unit.buffers:
+                if flat is unit.trainable and self.compute is None:
+                    unit.shards.append(self.shards.master_slice(b))  # the master itself: no copy
+                else:
+                    unit.shards.append(flat.data[flat.shard(self.group.rank, self.group.size)].clone())
+            b += unit.trainable is not None
+
+    def _refresh_compute_shards(self) -> None:
+        for b, unit in enumerate(self._unit_of_bucket):
+            unit.shards[0].copy_(self.shards.master_slice(b))
+
+    # -- hooks around each unit -------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        for unit in self.units:
+            unit.module.register_forward_pre_hook(self._before_forward(unit))
+            unit.module.register_forward_hook(self._after_forward(unit))
+
+    def _ensure(self, unit: Unit) -> None:
+        unit.unshard(self.group)
+        unit.wait()
+
+    def _before_forward(self, unit: Unit):
+        def hook(_module: nn.Module, _inputs: Any) -> None:
+            self._ensure(unit)
+            if self._recorded is not None and unit is not self.units[0]:
+                self._recorded.append(unit)  # the first forward records the order units run in
+            self._prefetch(unit, +1)
+
+        return hook
+
+    def _after_forward(self, unit: Unit):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if unit is self.units[0] and self._recorded is not None:
+                self.forward_order, self._recorded = self._recorded or self.forward_order, None
+            unit.reshard()
+            tensors = [
+                t
+                for t in torch.utils._pytree.tree_leaves(output)
+                if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+            if (
+                tensors
+            ):  # fires once, when the first gradient w.r.t. the unit's output exists: its backward is next
+                torch.autograd.graph.register_multi_grad_hook(
+                    tensors, lambda _grad: self._before_backward(unit), mode="any"
+                )
+
+        return hook
+
+    def _before_backward(self, unit: Unit) -> None:
+        self._ensure(unit)
+        self._prefetch(unit, -1)
+
+    def _prefetch(self, unit: Unit, direction: int) -> None:
+        """Start gathering the unit that runs after ``unit`` (forward: +1, backward: -1)."""
+        if not self.prefetch:
+            return
+        order = self.forward_order
+        if unit is self.units[0]:
+            following = order[0] if direction > 0 and order else (order[-1] if order else None)
+        elif unit in order:
+            k = order.index(unit) + direction
+            following = order[k] if 0 <= k < len(order) else None
+        else:
+            following = None
+        if following is not None:
+            following.unshard(self.group)
+
+    # -- gradients --------------------------------------------------------------------------------
+
+    def _bucket(self, b: int) -> torch.Tensor:
+        if b not in self._filling:
+            flat = self._unit_of_bucket[b].trainable
+            buffer = self.pool.take(flat.data.numel(), flat.data.dtype, flat.data.device)
+            buffer[flat.numel :].zero_()
+            self._filling[b] = buffer
+        return self._filling[b]
+
+    def _collect(self, b: int, i: int) -> None:
+        flat = self._unit_of_bucket[b].trainable
+        param = flat.params[i]
+        self._bucket(b)[flat.offsets[i] : flat.offsets[i] + flat.numels[i]].copy_(param.grad.reshape(-1))
+        param.grad = None
+
+    def _collect_unused(self, b: int, i: int) -> None:
+        flat = self._unit_of_bucket[b].trainable
+        self._bucket(b)[flat.offsets[i] : flat.offsets[i] + flat.numels[i]].zero_()
+
+    def _launch(self, b: int) -> Handle:
+        unit = self._unit_of_bucket[b]
+        unit.reshard()  # its backward is over: every gradient of the unit is in the bucket
+        buffer = self._filling.pop(b)
+        return self.pool.release_after(self.shards.reduce_scatter(b, buffer), buffer)
+
+    def _synced(self) -> None:
+        for unit in self.units:
+            unit.reshard()
+        self.master.unscale_and_check(self.group)
+        self.master.attach_grads()
+
+    # -- Runtime interface ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        raise ConfigError(
+            "model.no_sync() does not fit zero3: each unit's gradient is reduce-scattered and dropped as its "
+            "backward ends, so there is no local gradient to accumulate into. Accumulate the loss over "
+            "micro-batches and call backward once, or use zero2, which supports no_sync."
+        )
+        yield  # pragma: no cover
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return clip_sharded_grads_(self.master, self.group, max_norm)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Gather every unit (the whole model, briefly), copy it out, free it again."""
+        for unit in self.units:
+            self._ensure(unit)
+        try:
+            state = super().full_state_dict()
+            if self.compute is not None:
+                for b, unit in enumerate(self._unit_of_bucket):
+                    flat = unit.trainable
+                    full = torch.empty(flat.data.numel(), dtype=torch.float32, device=flat.data.device)
+                    self.group.all_gather(full, self.shards.master_slice(b))
+                    for name, i in flat_names(self.module, flat).items():
+                        state[name] = (
+                            full[flat.offsets[i] : flat.offsets[i] + flat.numels[i]]
+                            .view(flat.params[i].shape)
+                            .clone()
+                        )
+        finally:
+            for unit in self.units:
+                unit.reshard()
+        return state
+
+    def theory_bytes_per_step(self) -> int:
+        """Two all-gathers (forward, backward) and one reduce-scatter of every unit: 1.5x DDP's bytes."""
+        total = sum(u.trainable.data.numel() * u.trainable.data.element_size() for u in self._unit_of_bucket)
+        return 3 * (self.group.size - 1) * total // self.group.size
+
+    def parameter_tensors(self) -> list[torch.Tensor]:
+        return [shard for unit in self.units for shard in unit.shards] + [
+            flat.data for unit in self.units for flat in unit.buffers
+        ]
+
+    def gradient_tensors(self) -> list[torch.Tensor]:
+        return self.pool.tensors()

@@ -1,0 +1,160 @@
+"""ZeRO stages 1-3: parity with the single-process reference, memory, bytes, precision, errors."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import plait
+from tests.harness import RankFailure, run_ranks
+from tests.reference import (
+    FP32,
+    assert_matches_reference,
+    distributed_run,
+    make_model,
+    reference_eval,
+    reference_run,
+)
+
+STEPS = 5
+STAGES = ["zero1", "zero2", "zero3"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_run(STEPS)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_matches_single_process(stage, world_size, reference):
+    results = run_ranks(distributed_run, world_size, stage, STEPS)
+    for result in results:
+        assert_matches_reference(result, reference, **FP32)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_padding_tied_and_frozen_parameters(stage):
+    """Odd sizes (every shard padded at 4 ranks), the tied embedding/head, and a frozen position embedding."""
+    frozen = ("transformer.wpe.weight",)
+    reference = reference_run(STEPS, optimizer="sgd", config="odd", freeze=frozen)
+    results = run_ranks(distributed_run, 4, plait.Zero(stage=stage), STEPS, "sgd", 1, False, "odd", frozen)
+    for result in results:
+        assert_matches_reference(result, reference, **FP32)
+    torch.manual_seed(0)
+    untouched = make_model(config="odd").transformer.wpe.weight
+    assert torch.equal(results[0]["state"]["transformer.wpe.weight"], untouched)
+
+
+def test_many_small_buckets():
+    """A bucket per parameter or so: the bucket pool, launch order and per-bucket shards."""
+    reference = reference_run(STEPS, optimizer="sgd")
+    for stage in (1, 2):
+        results = run_ranks(distributed_run, 2, plait.Zero(stage=stage, bucket_mb=0.004), STEPS, "sgd")
+        assert_matches_reference(results[0], reference, **FP32)
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2"])
+def test_gradient_accumulation_with_no_sync(stage, reference):
+    results = run_ranks(distributed_run, 2, stage, STEPS, "adamw", 2)
+    for result in results:
+        assert_matches_reference(result, reference, **FP32)
+    assert results[0]["bytes_per_step"][1:] == [results[0]["theory_bytes"]] * (STEPS - 1)
+
+
+def test_zero3_no_sync_is_a_clear_error():
+    with pytest.raises(RankFailure, match=r"no_sync.*does not fit zero3"):
+        run_ranks(distributed_run, 2, "zero3", 1, "adamw", 2)
+
+
+def test_zero3_evaluation_forward_under_no_grad():
+    results = run_ranks(distributed_run, 2, "zero3", 2)
+    expected = reference_eval(results[0]["state"])
+    for result in results:
+        assert_close(result["eval"], expected, **FP32)
+
+
+def test_bytes_per_step_against_ddp():
+    """zero1/2 send what ddp sends; zero3 1.5x (within 5%: padding)."""
+    ddp = run_ranks(distributed_run, 4, "ddp", 3)[0]["bytes_per_step"][-1]
+    for stage, factor in (("zero1", 1.0), ("zero2", 1.0), ("zero3", 1.5)):
+        sent = run_ranks(distributed_run, 4, stage, 3)[0]["bytes_per_step"][-1]
+        assert sent == pytest.approx(factor * ddp, rel=0.05), stage
+
+
+def test_memory_report_fractions_at_four_ranks():
+    """Counted from live tensors: zero1's optimizer state and zero3's parameters are 1/4 of ddp's (+ padding)."""
+    ddp = run_ranks(distributed_run, 4, "ddp", 2)
+    zero1 = run_ranks(distributed_run, 4, "zero1", 2)
+    zero2 = run_ranks(distributed_run, 4, plait.Zero(stage=2, bucket_mb=0.01), 2)  # ~10 buckets
+    zero3 = run_ranks(distributed_run, 4, "zero3", 2)
+    full = ddp[0]["memory"]
+    assert full.optimizer_state > 0 and full.master == 0
+    for rank in range(4):
+        m1, m2, m3 = zero1[rank]["memory"], zero2[rank]["memory"], zero3[rank]["memory"]
+        assert m1.optimizer_state == pytest.approx(full.optimizer_state / 4, rel=0.02)
+        assert m1.parameters == full.parameters and m1.gradients > full.gradients  # full buffer + shard
+        # the shard and at most two pooled buckets (here up to 16 KiB each, plus padding): no full buffer
+        assert m2.gradients <= full.gradients / 4 + 2 * 17 * 1024 < full.gradients
+        assert m3.parameters == pytest.approx(full.parameters / 4, rel=0.02)
+        assert m3.optimizer_state == pytest.approx(full.optimizer_state / 4, rel=0.02)
+        # gradients: the shard plus at most two pooled units (here a block, ~48 KiB, each)
+        assert m3.gradients <= full.gradients / 4 + 2 * 49 * 1024
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [plait.DDP(mixed_precision="bf16"), *(plait.Zero(stage=s, mixed_precision="bf16") for s in (1, 2, 3))],
+)
+def test_bf16_mixed_precision_stays_close_to_fp32(strategy):
+    """bf16 compute and communication with an fp32 master: within a few 1e-3 of the fp32 reference (SGD: see test_ddp)."""
+    reference = reference_run(STEPS, optimizer="sgd")
+    results = run_ranks(distributed_run, 2, strategy, STEPS, "sgd")
+    for result in results:
+        assert_matches_reference(result, reference, rtol=1e-2, atol=5e-3)
+        assert all(v.dtype == torch.float32 for k, v in result["state"].items() if "weight" in k)
+
+
+def _fp16_with_an_injected_inf(stage: int) -> dict:
+    ctx = plait.init()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model, opt = plait.setup(
+        model, plait.Zero(stage=stage, mixed_precision="fp16"), lambda ps: plait.optim.SGD(ps, lr=0.1)
+    )
+    scaler = model.plait_runtime.master.loss_scaler
+    scales, states = [], []
+    for step in range(3):
+        x = torch.full((4, 8), 0.1 * (ctx.rank + 1), dtype=torch.float16)
+        if step == 1 and ctx.rank == 1:
+            x[0, 0] = float("inf")  # one rank's gradient overflows: every rank must skip
+        model(x).float().square().mean().backward()
+        before = plait.full_state_dict(model)
+        opt.step()
+        opt.zero_grad()
+        after = plait.full_state_dict(model)
+        states.append(all(torch.equal(before[k], after[k]) for k in before))
+        scales.append(scaler.scale)
+    return {"unchanged": states, "scales": scales, "skipped": scaler.skipped_steps}
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_fp16_loss_scaler_skips_a_step_with_inf(stage):
+    results = run_ranks(_fp16_with_an_injected_inf, 2, stage)
+    for result in results:
+        assert result["unchanged"] == [False, True, False]
+        assert result["skipped"] == 1
+        assert result["scales"] == [2.0**16, 2.0**15, 2.0**15]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        (dict(stage=4), "stage=4 is not a ZeRO stage"),
+        (dict(stage=0), "stage=0"),
+        (dict(mixed_precision="int8"), "mixed_precision='int8'"),
+        (dict(bucket_mb=0), "bucket_mb=0"),
+    ],
+)
+def test_bad_zero_arguments(kwargs, fragment):
+    with pytest.raises(plait.ConfigError, match=fragment):
+        plait.Zero(**kwargs)
