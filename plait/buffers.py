@@ -26,6 +26,26 @@ from torch import nn
 _OWNER_ATTR = "_plait_flat"
 
 
+def free_storage(tensor: torch.Tensor) -> None:
+    """Release the memory under ``tensor`` (and every view of it); the tensors themselves stay valid objects."""
+    tensor.untyped_storage().resize_(0)
+
+
+def restore_storage(tensor: torch.Tensor, zero: bool = False) -> bool:
+    """Give ``tensor`` its memory back if it was freed (contents undefined unless ``zero``); True if it was."""
+    storage = tensor.untyped_storage()
+    if storage.nbytes():
+        return False
+    storage.resize_(tensor.numel() * tensor.element_size())
+    if zero:
+        tensor.zero_()
+    return True
+
+
+def has_storage(tensor: torch.Tensor) -> bool:
+    return tensor.untyped_storage().nbytes() > 0
+
+
 def padded_size(numel: int, pad_to: int) -> int:
     """The smallest multiple of ``pad_to`` that holds ``numel`` elements."""
     return -(-numel // pad_to) * pad_to

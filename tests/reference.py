@@ -125,6 +125,7 @@ def distributed_run(
         "theory_bytes": model.plait_runtime.theory_bytes_per_step(),
         "eval": evaluation,
         "memory": plait.memory_report(model, opt),
+        "bucket_peak_bytes": getattr(getattr(model.plait_runtime, "pool", None), "peak_bytes", None),
     }
 
 

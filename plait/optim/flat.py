@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from plait.buffers import FlatRun, flat_runs
+from plait.buffers import FlatRun, flat_runs, has_storage, restore_storage
 
 
 class FlatOptimizer(torch.optim.Optimizer):
@@ -104,7 +104,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if set_to_none:
                     for param in run.buffer.params[run.first : run.last + 1]:
                         param.grad = None
-                else:
+                elif has_storage(run.buffer.grad):  # a released gradient is already gone
                     run.grad.zero_()
                     run.buffer.attach_grads()
 
@@ -156,6 +156,7 @@ def _gather_grads(run: FlatRun) -> None:
     checks run when every view is attached, so the loop launches no kernels in the common case.
     """
     buffer = run.buffer
+    restore_storage(buffer.grad, zero=True)  # stepping with no gradient since it was released: zeros
     for i in range(run.first, run.last + 1):
         param, view = buffer.params[i], buffer.grad_views[i]
         if param.grad is not view:

@@ -170,6 +170,7 @@ class DDPRuntime(Runtime):
 
     def _synced(self) -> None:
         """Mixed precision: the averaged gradients become the master's fp32 gradients."""
+        self.master.ensure_grads()
         offset = 0
         for flat in self.buffers:
             self.master.grad[offset : offset + flat.numel].copy_(flat.grad[: flat.numel])

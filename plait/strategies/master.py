@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plait.buffers import FlatBuffer
+from plait.buffers import FlatBuffer, free_storage, restore_storage
 from plait.comm import Group
 from plait.errors import ConfigError
 from plait.optim import FlatOptimizer
@@ -86,6 +86,7 @@ class MasterWeights:
                 f"got {type(user_optimizer).__name__}: use plait.optim.AdamW or plait.optim.SGD"
             )
         self.optimizer = rebuild_optimizer(user_optimizer, by_group)
+        self.optimizer.register_step_post_hook(lambda *_: self.release_grads())
         self.loss_scaler = loss_scaler
 
     @property
@@ -96,6 +97,20 @@ class MasterWeights:
         """Point each piece's ``.grad`` at ``master.grad`` again (a torch optimizer may have set it to None)."""
         if self.buffer is not None:
             self.buffer.attach_grads()
+
+    def release_grads(self) -> None:
+        """After the step the gradient shard is spent: free its storage until the next backward fills it.
+
+        The tensor and its views stay; only the memory under them goes (``ensure_grads`` brings it back).
+        """
+        if self.buffer is not None:
+            for param in self.buffer.params:
+                param.grad = None
+        free_storage(self.grad)
+
+    def ensure_grads(self) -> None:
+        """Give ``master.grad`` its memory back (zeroed) if the last step released it."""
+        restore_storage(self.grad, zero=True)
 
     def unscale_and_check(self, group: Group) -> None:
         """fp16: divide the gradients by the loss scale; if any rank saw inf/nan, skip the coming step."""

@@ -107,6 +107,7 @@ class ShardedMaster:
 
     def reduce_scatter(self, b: int, gradient: torch.Tensor, then=None) -> Handle:
         """Average bucket ``b``'s full ``gradient`` over ranks into this rank's master gradient shard."""
+        self.master.ensure_grads()
         target = self.master_slice(b, self.master.grad)
         op = "avg"
         if gradient.dtype == torch.float16:  # pre-divide: a sum of scaled fp16 gradients can overflow
@@ -159,6 +160,9 @@ class BucketPool:
         self.limit = limit
         self._free: list[torch.Tensor] = []
         self._in_flight: list[Handle] = []
+        self._allocated = 0
+        self.peak_bytes = 0
+        """The most bucket-buffer memory allocated at once so far (what the limit bounds)."""
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A buffer of ``numel`` elements (a view of a pooled one when one is large enough)."""
@@ -167,7 +171,10 @@ class BucketPool:
             self._in_flight.pop(0).wait()
         fitting = self._fits(numel)
         if not fitting:
-            return torch.empty(numel, dtype=dtype, device=device)
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._allocated += buffer.numel() * buffer.element_size()
+            self.peak_bytes = max(self.peak_bytes, self._allocated)
+            return buffer
         buffer = min(fitting, key=torch.Tensor.numel)
         self._free = [t for t in self._free if t is not buffer]
         return buffer[:numel]
@@ -185,8 +192,17 @@ class BucketPool:
             if len(self._free) > self.limit:  # keep the largest few
                 smallest = min(self._free, key=torch.Tensor.numel)
                 self._free = [t for t in self._free if t is not smallest]
+                self._allocated -= smallest.numel() * smallest.element_size()
 
         return handle.then(release)
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self._free)
+
+    def clear(self) -> None:
+        """End of backward: every bucket is reduced; give the buffers back to the allocator."""
+        for handle in self._in_flight:
+            handle.wait()
+        self._in_flight = []
+        self._free = []
+        self._allocated = 0

@@ -62,7 +62,8 @@ class Stage2Runtime(Stage1Runtime):
         return self.pool.release_after(self.shards.reduce_scatter(b, buffer), buffer)
 
     def _release_model_gradients(self) -> None:
-        """Nothing to release: each gradient was dropped as soon as its bucket copied it."""
+        """Each gradient was dropped as soon as its bucket copied it; the bucket buffers go too."""
+        self.pool.clear()
 
     def gradient_tensors(self) -> list[torch.Tensor]:
         return self.pool.tensors()

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plait.buffers import FlatBuffer
+from plait.buffers import FlatBuffer, free_storage, restore_storage
 from plait.comm import Context, Group, Handle
 from plait.errors import ConfigError
 from plait.precision import DynamicLossScaler, parse_mixed_precision
@@ -70,7 +70,7 @@ class Unit:
             return
         self.wait()
         for flat in self.buffers:
-            flat.data.untyped_storage().resize_(0)
+            free_storage(flat.data)
         self.gathered = False
 
     def unshard(self, group: Group) -> None:
@@ -78,7 +78,7 @@ class Unit:
         if self.gathered:
             return
         for flat, shard in zip(self.buffers, self.shards):
-            flat.data.untyped_storage().resize_(flat.data.numel() * flat.data.element_size())
+            restore_storage(flat.data)
             self.handles.append(group.all_gather(flat.data, shard, async_op=True))
         self.gathered = True
 
@@ -280,6 +280,7 @@ class Stage3Runtime(Runtime):
     def _synced(self) -> None:
         for unit in self.units:
             unit.reshard()
+        self.pool.clear()
         self.master.unscale_and_check(self.group)
         self.master.attach_grads()
 
