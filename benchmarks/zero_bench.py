@@ -54,7 +54,6 @@ def _steady_rss() -> int:
 def _build(candidate: str, model, lr: float):
     """(model, optimizer, backward) for a candidate; the model is already on every rank."""
     import torch
-    import torch.distributed as dist
 
     import plait
 
@@ -90,7 +89,9 @@ def _build(candidate: str, model, lr: float):
             "zero_optimization": {"stage": stage},
             "optimizer": {"type": "AdamW", "params": {"lr": lr}},
         }
-        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        engine, opt, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=config
+        )
         return engine, _DeepSpeedStep(engine), engine.backward
     raise SystemExit(f"unknown candidate {candidate}; use one of {CANDIDATES}")
 
@@ -128,7 +129,9 @@ def worker(args: argparse.Namespace) -> None:
     model, opt, backward = _build(args.candidate, GPT(config), lr=1e-4)
     local = args.global_batch // ctx.world_size
     generator = torch.Generator().manual_seed(ctx.rank)
-    tokens = torch.randint(0, config.vocab_size, (args.warmup + args.steps, local, args.block_size + 1), generator=generator)
+    tokens = torch.randint(
+        0, config.vocab_size, (args.warmup + args.steps, local, args.block_size + 1), generator=generator
+    )
     times = []
     for i, batch in enumerate(tokens):
         start = time.perf_counter()
@@ -139,7 +142,11 @@ def worker(args: argparse.Namespace) -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     mine = torch.tensor(
-        [statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, float(_steady_rss())],
+        [
+            statistics.median(times),
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+            float(_steady_rss()),
+        ],
         dtype=torch.float64,
     )
     everyone = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
@@ -169,7 +176,10 @@ def run_job(args: argparse.Namespace, candidate: str) -> dict | None:
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0 or not out.exists():
-        print(f"  {candidate}: failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        print(
+            f"  {candidate}: failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}",
+            flush=True,
+        )
         return None
     return json.loads(out.read_text())
 
@@ -183,7 +193,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per job")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--candidates", default=",".join(c for c in CANDIDATES if not c.startswith("deepspeed")))
+    parser.add_argument(
+        "--candidates", default=",".join(c for c in CANDIDATES if not c.startswith("deepspeed"))
+    )
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--candidate", help=argparse.SUPPRESS)
@@ -208,7 +220,9 @@ def main() -> None:
                 results[candidate].append(result)
                 print(f"  round {round_}: {candidate}: {result['tokens_per_s']:.1f} tok/s", flush=True)
     baseline = {c: statistics.median(r["tokens_per_s"] for r in rs) for c, rs in results.items() if rs}
-    print("\n| candidate | tokens/s (median of rounds) | vs plait-ddp | peak RSS / rank | steady RSS / rank | final loss |")
+    print(
+        "\n| candidate | tokens/s (median of rounds) | vs plait-ddp | peak RSS / rank | steady RSS / rank | final loss |"
+    )
     print("|---|---|---|---|---|---|")
     for candidate, rs in results.items():
         if not rs:

@@ -1,4 +1,4 @@
-"""The ``plait`` command: ``train``, ``launch``.
+"""The ``plait`` command: ``train``, ``launch``, ``estimate``, ``bench``.
 
 Flags of ``plait train`` are derived from the config dataclasses (``plait.train.config``): every
 field is a ``--field-name`` flag whose help is the field's docstring, and a TOML file given with
@@ -81,6 +81,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-m", "--module", action="store_true", help="run TARGET as a module (python -m)")
     run.add_argument("target", help="script to run on every rank")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    estimate = commands.add_parser("estimate", help="model-state memory per device under ddp and ZeRO 1/2/3")
+    estimate.add_argument("--params", type=float, help="parameter count, e.g. 7.5e9")
+    estimate.add_argument("--model", help="take the parameter count from a plait model preset")
+    estimate.add_argument("--nproc", type=int, default=1, help="data-parallel devices")
+    estimate.add_argument(
+        "--k", type=float, default=12.0, help="optimizer-state bytes per parameter (paper: 12)"
+    )
+    estimate.add_argument(
+        "--measure",
+        type=int,
+        metavar="STEPS",
+        help="also train --model for STEPS steps on --nproc local ranks and measure",
+    )
+
+    bench = commands.add_parser("bench", help="measure plait's building blocks")
+    bench.add_argument("--comm", action="store_true", help="time each reduce-scatter / all-gather algorithm")
+    bench.add_argument("--nproc", type=int, default=2, help="ranks to measure on")
+    bench.add_argument("--sizes-mb", default="1,16,64", help="message sizes in MiB, comma-separated")
+    bench.add_argument("--dtypes", default="fp32,bf16", help="dtypes, comma-separated (fp32, bf16, fp16)")
     return parser
 
 
@@ -114,6 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if namespace.command == "train":
             return _train(namespace)
+        if namespace.command == "estimate":
+            from plait.estimate import run
+
+            return run(namespace.params, namespace.nproc, namespace.model, namespace.k, namespace.measure)
+        if namespace.command == "bench":
+            if not namespace.comm:
+                print(
+                    "plait bench: say what to measure (--comm); the model benchmarks live in benchmarks/",
+                    file=sys.stderr,
+                )
+                return 2
+            args = ["--sizes-mb", namespace.sizes_mb, "--dtypes", namespace.dtypes]
+            return launch(LaunchConfig(nproc=namespace.nproc), "plait.comm.bench", args, module=True)
         if namespace.command == "launch":
             config = LaunchConfig(**_given(namespace, LaunchConfig))
             return launch(config, namespace.target, namespace.args, module=namespace.module)

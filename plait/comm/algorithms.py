@@ -10,8 +10,14 @@ with ``PLAIT_COLLECTIVES`` (``"reduce_scatter=all_to_all,all_gather=native"``), 
 
     reduce_scatter  native      torch's reduce_scatter_single
                     all_to_all  all_to_all_single into a scratch tensor, then a local sum over ranks
+                    p2p         one batch of isend/irecv: each rank's chunk j straight to rank j,
+                                then the same local sum
     all_gather      native      torch's all_gather_single
                     all_to_all  every rank sends its chunk to every rank with all_to_all_single
+                    p2p         one batch of isend/irecv: my chunk to every peer, theirs into place
+
+Point-to-point messages carry a tag from the group's count of these ops, which is the same on every
+rank (they issue the same collectives in the same order), so concurrent ops never cross.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from plait.comm.pool import BufferPool
 from plait.errors import ConfigError
 
 # torch 2.13 renamed the tensor collectives (the old names warn); older releases only have the old ones
@@ -38,59 +45,124 @@ REDUCE_OPS = {
     "min": dist.ReduceOp.MIN,
 }
 
-Launch = Callable[[], tuple[dist.Work | None, Callable[[], None] | None]]
+Launch = Callable[[], tuple["Works | dist.Work | None", Callable[[], None] | None]]
 """Starts an op; returns its work handle and what to run once it completed (or None)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where an op runs: the process group, its size, this rank in it, scratch memory, a message tag."""
+
+    pg: dist.ProcessGroup | None
+    size: int
+    rank: int
+    pool: BufferPool
+    tag: int = 0
+
+    def peer(self, rank: int) -> int:
+        """The global rank of group rank ``rank`` (what point-to-point ops address)."""
+        return dist.get_global_rank(self.pg, rank) if self.pg is not None else rank
+
+
+class Works:
+    """Several point-to-point works that complete together, behind the one-work interface."""
+
+    def __init__(self, works: list[dist.Work]) -> None:
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self.works)
+
+
+def _exchange(route: Route, sends: list[torch.Tensor | None], recvs: list[torch.Tensor | None]) -> Works:
+    """Post, at once, a send of ``sends[j]`` to and a receive into ``recvs[j]`` from every other rank j."""
+    ops = []
+    for j in range(route.size):
+        if j != route.rank:
+            ops.append(dist.P2POp(dist.isend, sends[j], route.peer(j), route.pg, route.tag))
+            ops.append(dist.P2POp(dist.irecv, recvs[j], route.peer(j), route.pg, route.tag))
+    return Works(dist.batch_isend_irecv(ops))
+
+
+def _sum_into(output: torch.Tensor, contributions: torch.Tensor, op: str, size: int) -> None:
+    """Sum the rows of ``contributions`` into ``output``, accumulating in fp32 (exact for bf16, fast on CPU)."""
+    if output.dtype == torch.float32 and output.is_contiguous():
+        torch.sum(contributions, 0, out=output.view(-1))
+        total = output.view(-1)
+    else:
+        total = contributions.sum(0, dtype=torch.float32)
+    if op == "avg":
+        total.div_(size)
+    if total is not output.view(-1):
+        output.view(-1).copy_(total)
+
+
 def reduce_scatter_launcher(
-    algorithm: str,
-    output: torch.Tensor,
-    input: torch.Tensor,
-    op: str,
-    pg: dist.ProcessGroup | None,
-    size: int,
+    algorithm: str, output: torch.Tensor, input: torch.Tensor, op: str, route: Route
 ) -> Launch:
+    """How to reduce-scatter ``input`` into ``output`` with ``algorithm`` (nothing runs until called)."""
+    size, pool = route.size, route.pool
     if algorithm == "native":
         return lambda: (
-            reduce_scatter_single(output, input, op=REDUCE_OPS[op], group=pg, async_op=True),
+            reduce_scatter_single(output, input, op=REDUCE_OPS[op], group=route.pg, async_op=True),
             None,
         )
+    if algorithm not in REDUCE_SCATTER:
+        raise ConfigError(f"reduce_scatter algorithm {algorithm!r} is not known; use one of {REDUCE_SCATTER}")
+    if op not in ("sum", "avg"):
+        raise ValueError(f"{algorithm} reduce-scatter supports sum and avg, not {op}")
+
+    def launch():
+        scratch = pool.take(input.numel(), input.dtype, input.device)
+        rows = scratch.view(size, -1)
+        if algorithm == "all_to_all":
+            work = dist.all_to_all_single(scratch, input.reshape(-1), group=route.pg, async_op=True)
+        else:  # p2p: my chunk of everyone's input, straight from each peer
+            chunks = input.reshape(size, -1)
+            rows[route.rank].copy_(chunks[route.rank])
+            work = _exchange(route, list(chunks), list(rows))
+
+        def finish() -> None:
+            _sum_into(output, rows, op, size)
+            pool.give_back(scratch)
+
+        return work, finish
+
+    return launch
+
+
+def all_gather_launcher(algorithm: str, output: torch.Tensor, input: torch.Tensor, route: Route) -> Launch:
+    """How to all-gather ``input`` from every rank into ``output`` with ``algorithm``."""
+    size, pool = route.size, route.pool
+    if algorithm == "native":
+        return lambda: (all_gather_single(output, input, group=route.pg, async_op=True), None)
     if algorithm == "all_to_all":
-        if op not in ("sum", "avg"):
-            raise ValueError(f"all_to_all reduce-scatter supports sum and avg, not {op}")
 
         def launch():
-            scratch = torch.empty_like(input)
-            work = dist.all_to_all_single(scratch, input, group=pg, async_op=True)
-
-            def finish() -> None:
-                # accumulate the N contributions in fp32 (more exact for bf16, and faster on CPU)
-                total = scratch.view(size, -1).sum(0, dtype=torch.float32)
-                if op == "avg":
-                    total.div_(size)
-                output.view(-1).copy_(total)
-
-            return work, finish
+            copies = pool.take(input.numel() * size, input.dtype, input.device)
+            copies.view(size, -1).copy_(input.reshape(1, -1).expand(size, -1))
+            work = dist.all_to_all_single(output, copies, group=route.pg, async_op=True)
+            return work, lambda: pool.give_back(copies)
 
         return launch
-    raise ConfigError(f"reduce_scatter algorithm {algorithm!r} is not known; use one of {REDUCE_SCATTER}")
+    if algorithm == "p2p":
 
+        def launch():
+            rows = output.view(size, -1)
+            if rows[route.rank].data_ptr() != input.data_ptr():
+                rows[route.rank].copy_(input.reshape(-1))
+            return _exchange(route, [input.reshape(-1)] * size, list(rows)), None
 
-def all_gather_launcher(
-    algorithm: str, output: torch.Tensor, input: torch.Tensor, pg: dist.ProcessGroup | None, size: int
-) -> Launch:
-    if algorithm == "native":
-        return lambda: (all_gather_single(output, input, group=pg, async_op=True), None)
-    if algorithm == "all_to_all":
-        return lambda: (
-            dist.all_to_all_single(output, input.reshape(-1).repeat(size), group=pg, async_op=True),
-            None,
-        )
+        return launch
     raise ConfigError(f"all_gather algorithm {algorithm!r} is not known; use one of {ALL_GATHER}")
 
 
-REDUCE_SCATTER = ("native", "all_to_all")
-ALL_GATHER = ("native", "all_to_all")
+REDUCE_SCATTER = ("native", "all_to_all", "p2p")
+ALL_GATHER = ("native", "all_to_all", "p2p")
 CANDIDATES = {"reduce_scatter": REDUCE_SCATTER, "all_gather": ALL_GATHER}
 
 
@@ -149,10 +221,11 @@ class AlgorithmTable:
         moved = (group.size - 1) * full.numel() * full.element_size() / group.size
         speeds = {}
         for algorithm in CANDIDATES[op]:
+            route = group.route()
             if op == "reduce_scatter":
-                launch = reduce_scatter_launcher(algorithm, shard, full, "sum", group.pg, group.size)
+                launch = reduce_scatter_launcher(algorithm, shard, full, "sum", route)
             else:
-                launch = all_gather_launcher(algorithm, full, shard, group.pg, group.size)
+                launch = all_gather_launcher(algorithm, full, shard, route)
             seconds = min(_time(launch, group) for _ in range(repeats + 1))
             speeds[algorithm] = moved / seconds / 1e9
         ranking = sorted(CANDIDATES[op], key=lambda a: -speeds[a])

@@ -20,9 +20,11 @@ from plait.comm.algorithms import (
     REDUCE_OPS,
     AlgorithmTable,
     Launch,
+    Route,
     all_gather_launcher,
     reduce_scatter_launcher,
 )
+from plait.comm.pool import BufferPool
 from plait.comm.stats import CommStats, OpRecord, bus_bytes
 
 
@@ -86,6 +88,9 @@ class Group:
         self.stats = stats
         self.algorithms = algorithms if algorithms is not None else AlgorithmTable(pinned={})
         self.device = device or torch.device("cpu")
+        self.scratch = BufferPool(keep=2)
+        self._tag = 0
+        """Receive and copy buffers the all-to-all algorithms reuse from call to call."""
         self.size = dist.get_world_size(pg) if dist.is_initialized() else 1
         self.rank = dist.get_rank(pg) if dist.is_initialized() else 0
 
@@ -149,7 +154,7 @@ class Group:
         return self._run(
             "reduce_scatter",
             input,
-            reduce_scatter_launcher(algorithm, output, input, op, self.pg, self.size),
+            reduce_scatter_launcher(algorithm, output, input, op, self.route()),
             async_op,
             bus_bytes("reduce_scatter", nbytes, self.size),
             algorithm=algorithm,
@@ -164,7 +169,7 @@ class Group:
         return self._run(
             "all_gather",
             output,
-            all_gather_launcher(algorithm, output, input, self.pg, self.size),
+            all_gather_launcher(algorithm, output, input, self.route()),
             async_op,
             bus_bytes("all_gather", nbytes, self.size),
             algorithm=algorithm,
@@ -195,6 +200,11 @@ class Group:
             nbytes if self.rank == src else 0,
             0 if self.rank == src else nbytes,
         )
+
+    def route(self) -> Route:
+        """This group's route for the next reduce-scatter / all-gather, with a fresh message tag."""
+        self._tag = (self._tag + 1) % 2**20
+        return Route(self.pg, self.size, self.rank, self.scratch, 1 + self._tag)
 
     def calibrate(self, op: str, dtype: torch.dtype, nbytes: int) -> None:
         """Measure and fix the fastest algorithm for ``op`` on messages like this one (collective)."""

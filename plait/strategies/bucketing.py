@@ -95,7 +95,14 @@ class GradientBuckets:
             self._launch_ready()
 
     def _launch_ready(self) -> None:
-        """Launch, in ``launch_order``, every complete bucket up to the first incomplete one."""
+        """Launch, in ``launch_order``, every complete bucket up to the first incomplete one.
+
+        Buckets whose collective has already completed are finished first (without blocking), so
+        their scratch memory serves the buckets launched now.
+        """
+        for handle in self._handles:
+            if not handle.done and handle.poll():
+                handle.wait()
         while self._next < len(self.launch_order) and self._pending[self.launch_order[self._next]] == 0:
             handle = self._launch(self.launch_order[self._next])
             if handle is not None:

@@ -65,6 +65,7 @@ class MasterWeights:
         user_optimizer: torch.optim.Optimizer,
         device: torch.device,
         loss_scaler: DynamicLossScaler | None = None,
+        release_grads: bool = False,
     ) -> None:
         total = sum(p.numel for p in pieces)
         self.data = torch.zeros(total, dtype=torch.float32, device=device)
@@ -86,7 +87,8 @@ class MasterWeights:
                 f"got {type(user_optimizer).__name__}: use plait.optim.AdamW or plait.optim.SGD"
             )
         self.optimizer = rebuild_optimizer(user_optimizer, by_group)
-        self.optimizer.register_step_post_hook(lambda *_: self.release_grads())
+        if release_grads:
+            self.optimizer.register_step_post_hook(lambda *_: self.release_grads())
         self.loss_scaler = loss_scaler
 
     @property
@@ -109,8 +111,11 @@ class MasterWeights:
         free_storage(self.grad)
 
     def ensure_grads(self) -> None:
-        """Give ``master.grad`` its memory back (zeroed) if the last step released it."""
-        restore_storage(self.grad, zero=True)
+        """Give ``master.grad`` its memory back if the last step released it.
+
+        Not zeroed: the caller overwrites every element (each bucket's reduction writes its whole shard).
+        """
+        restore_storage(self.grad)
 
     def unscale_and_check(self, group: Group) -> None:
         """fp16: divide the gradients by the loss scale; if any rank saw inf/nan, skip the coming step."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from plait.buffers import FlatBuffer, make_buckets
 from plait.comm import Group, Handle
+from plait.comm.pool import BufferPool
 from plait.precision import DynamicLossScaler
 from plait.strategies.base import clip_flat_grads_, group_ordered, parameter_names
 from plait.strategies.master import MasterWeights, Piece
@@ -80,6 +81,7 @@ class ShardedMaster:
         optimizer: torch.optim.Optimizer,
         group: Group,
         loss_scaler: DynamicLossScaler | None,
+        release_grads: bool = False,
     ) -> None:
         self.buckets = buckets
         self.group = group
@@ -92,7 +94,7 @@ class ShardedMaster:
         pieces = [
             piece for flat, owned in zip(buckets, self.owned) for piece in owned_pieces(flat, owned, group_of)
         ]
-        self.master = MasterWeights(pieces, optimizer, buckets[0].data.device, loss_scaler)
+        self.master = MasterWeights(pieces, optimizer, buckets[0].data.device, loss_scaler, release_grads)
 
     def master_slice(self, b: int, of: torch.Tensor | None = None) -> torch.Tensor:
         """Bucket ``b``'s shard in the master (``of`` = master.data by default, or master.grad)."""
@@ -150,59 +152,39 @@ def clip_sharded_grads_(master: MasterWeights, group: Group, max_norm: float) ->
 class BucketPool:
     """Transient gradient buffers for the buckets being reduced (ZeRO-2/3).
 
-    A buffer goes back to the pool when its reduce-scatter completes, and serves any later bucket
-    that fits in it. Taking a buffer first collects completed ones; if none fits and ``limit``
-    buckets are still in flight, it waits for the oldest. Gradient memory therefore stays at the
-    shard plus about ``limit`` buckets, however large the model.
+    A buffer goes back to the pool when its reduce-scatter completes and serves any later bucket
+    that fits in it. Taking a buffer first collects completed reductions; if none fits and
+    ``limit`` buckets are still in flight, it waits for the oldest. Gradient memory during backward
+    therefore stays at about ``limit`` + 1 buckets, however large the model; after backward the
+    buffers are released (``clear``).
     """
 
     def __init__(self, limit: int = 2) -> None:
         self.limit = limit
-        self._free: list[torch.Tensor] = []
+        self.buffers = BufferPool(keep=limit)
         self._in_flight: list[Handle] = []
-        self._allocated = 0
-        self.peak_bytes = 0
-        """The most bucket-buffer memory allocated at once so far (what the limit bounds)."""
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.buffers.peak_bytes
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A buffer of ``numel`` elements (a view of a pooled one when one is large enough)."""
         self._in_flight = [h for h in self._in_flight if not (h.poll() and h.wait() is None)]
-        while not self._fits(numel) and len(self._in_flight) >= self.limit:
+        while not self.buffers.fits(numel, dtype) and len(self._in_flight) >= self.limit:
             self._in_flight.pop(0).wait()
-        fitting = self._fits(numel)
-        if not fitting:
-            buffer = torch.empty(numel, dtype=dtype, device=device)
-            self._allocated += buffer.numel() * buffer.element_size()
-            self.peak_bytes = max(self.peak_bytes, self._allocated)
-            return buffer
-        buffer = min(fitting, key=torch.Tensor.numel)
-        self._free = [t for t in self._free if t is not buffer]
-        return buffer[:numel]
-
-    def _fits(self, numel: int) -> list[torch.Tensor]:
-        return [t for t in self._free if t.numel() >= numel]
+        return self.buffers.take(numel, dtype, device)
 
     def release_after(self, handle: Handle, buffer: torch.Tensor) -> Handle:
-        """Return ``buffer`` (its whole storage) to the pool once ``handle`` completes."""
+        """Return ``buffer`` to the pool once ``handle`` completes."""
         self._in_flight.append(handle)
-        base = buffer if buffer._base is None else buffer._base
-
-        def release() -> None:
-            self._free.append(base)
-            if len(self._free) > self.limit:  # keep the largest few
-                smallest = min(self._free, key=torch.Tensor.numel)
-                self._free = [t for t in self._free if t is not smallest]
-                self._allocated -= smallest.numel() * smallest.element_size()
-
-        return handle.then(release)
+        return handle.then(lambda: self.buffers.give_back(buffer))
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self._free)
+        return self.buffers.idle()
 
     def clear(self) -> None:
         """End of backward: every bucket is reduced; give the buffers back to the allocator."""
         for handle in self._in_flight:
             handle.wait()
         self._in_flight = []
-        self._free = []
-        self._allocated = 0
+        self.buffers.clear()

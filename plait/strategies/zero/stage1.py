@@ -36,6 +36,9 @@ from plait.strategies.zero.sharding import (
     group_major_order,
 )
 
+GATHER_WINDOW = 2
+"""All-gathers of updated buckets in flight at once after a step."""
+
 
 class Stage1Runtime(Runtime):
     """Full parameters and gradients on every rank; master and optimizer state sharded."""
@@ -66,8 +69,10 @@ class Stage1Runtime(Runtime):
         self.master = self.shards.master
         self.optimizer = self.master.optimizer
         self.optimizer.register_step_post_hook(lambda *_: self._gather_updated())
-        self._gathers: list[Handle] = []
-        module.register_forward_pre_hook(lambda *_: self.wait_for_parameters())
+        self._gathers: dict[int, Handle] = {}
+        self._queued: list[int] = []
+        self._gather_order = self._forward_order(module)
+        self._wait_before_use(module)
         if scaler is not None:
             scale_output_gradients(module, scaler)
         self.schedule = GradientBuckets(
@@ -95,6 +100,7 @@ class Stage1Runtime(Runtime):
         return self.shards.reduce_scatter(b, self.buckets[b].grad)
 
     def _synced(self) -> None:
+        self.wait_for_parameters()  # a parameter forward did not use: its gather must land before the step
         self.master.unscale_and_check(self.group)
         self.master.attach_grads()
         self._release_model_gradients()
@@ -107,14 +113,46 @@ class Stage1Runtime(Runtime):
 
     # -- after the step ---------------------------------------------------------------------------
 
+    def _forward_order(self, module: nn.Module) -> list[int]:
+        """Buckets in the order forward first uses them (by their earliest parameter in model order)."""
+        position = {p: i for i, p in enumerate(module.parameters())}
+        first_use = [min(position[p] for p in flat.params) for flat in self.buckets]
+        return sorted(range(len(self.buckets)), key=first_use.__getitem__)
+
+    def _wait_before_use(self, module: nn.Module) -> None:
+        """Each module waits, just before its forward, for the gathers of the buckets holding its parameters."""
+        bucket_of = {p: b for b, flat in enumerate(self.buckets) for p in flat.params}
+        for sub in module.modules():
+            needed = sorted({bucket_of[p] for p in sub.parameters(recurse=False) if p in bucket_of})
+            if needed:
+                sub.register_forward_pre_hook(lambda *_, needed=needed: self._wait(needed))
+
+    def _wait(self, buckets: list[int]) -> None:
+        for b in buckets:
+            if b in self._queued:
+                self._launch_gathers(until=b)
+            handle = self._gathers.pop(b, None)
+            if handle is not None:
+                handle.wait()
+            self._launch_gathers()
+
     def _gather_updated(self) -> None:
-        self._gathers = [self.shards.all_gather(b, flat.data) for b, flat in enumerate(self.buckets)]
+        """After the step: queue the all-gathers of the updated shards in the order forward needs them.
+
+        At most ``GATHER_WINDOW`` are in flight; each wait starts the next, so the gathers of later
+        layers travel while earlier layers compute, and their scratch memory is reused.
+        """
+        self._queued = list(self._gather_order)
+        self._launch_gathers()
+
+    def _launch_gathers(self, until: int | None = None) -> None:
+        while self._queued and (len(self._gathers) < GATHER_WINDOW or until in self._queued):
+            b = self._queued.pop(0)
+            self._gathers[b] = self.shards.all_gather(b, self.buckets[b].data)
 
     def wait_for_parameters(self) -> None:
-        """Block until the all-gathers of the last step's updates have landed (the next forward calls this)."""
-        for handle in self._gathers:
-            handle.wait()
-        self._gathers = []
+        """Block until every all-gather of the last step's updates has landed."""
+        self._wait(list(self._gathers) + list(self._queued))
 
     # -- Runtime interface ------------------------------------------------------------------------
 

@@ -172,7 +172,8 @@ class Stage3Runtime(Runtime):
         group_of = {p: g for g, members in enumerate(group_ordered(self.module, optimizer)) for p in members}
         trainable = [u.trainable for u in self.units if u.trainable is not None]
         scaler = DynamicLossScaler() if self.compute == torch.float16 else None
-        self.shards = ShardedMaster(trainable, group_of, optimizer, self.group, scaler)
+        # between steps stage 3 keeps no gradient at all (as FSDP2 after zero_grad): the shard is freed
+        self.shards = ShardedMaster(trainable, group_of, optimizer, self.group, scaler, release_grads=True)
         self.shards.load_from([flat.data for flat in trainable])  # full precision, before any cast
         if self.compute is not None:
             for unit in self.units:
