@@ -7,7 +7,7 @@ model, optimizer = plait.setup(model, strategy="ddp", optimizer=lambda ps: plait
 from plait import optim
 from plait.api import clip_grad_norm_, full_state_dict, setup
 from plait.comm import Context, current, init, shutdown
-from plait.errors import ConfigError
+from plait.errors import ConfigError, MemoryCapExceeded
 from plait.metrics import memory_report
 from plait.strategies import DDP, Plain, Strategy, Zero
 
@@ -15,6 +15,7 @@ __all__ = [
     "DDP",
     "ConfigError",
     "Context",
+    "MemoryCapExceeded",
     "Plain",
     "Strategy",
     "Zero",

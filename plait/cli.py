@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import plait
-from plait.errors import ConfigError
+from plait.errors import ConfigError, MemoryCapExceeded
 from plait.launch import LaunchConfig, launch
 from plait.train.config import SECTIONS, build, field_docs, load_toml, to_toml
 
@@ -127,6 +127,12 @@ def _train(namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _report(error: Exception) -> None:
+    """One line on stderr, from rank 0 only when every rank hits the same error."""
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(f"plait: error: {error}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     namespace = _parser().parse_args(argv)
@@ -150,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             config = LaunchConfig(**_given(namespace, LaunchConfig))
             return launch(config, namespace.target, namespace.args, module=namespace.module)
     except ConfigError as e:
-        print(f"plait: error: {e}", file=sys.stderr)
+        _report(e)
         return 2
+    except MemoryCapExceeded as e:
+        _report(e)
+        return 3
     return 0
 
 

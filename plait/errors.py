@@ -8,6 +8,10 @@ class ConfigError(ValueError):
     """
 
 
+class MemoryCapExceeded(MemoryError):
+    """This rank's model states outgrew the memory cap the run was given (``plait train --mem-cap-gb``)."""
+
+
 def divisors(n: int) -> str:
     """The divisors of ``n`` as a set literal, for messages that suggest a value that fits."""
     return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"

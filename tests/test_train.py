@@ -123,3 +123,61 @@ def test_learning_rate_schedule():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_trainer_under_zero_matches_single_process(strategy, tmp_path):
+    one = run_ranks(_fit, 1, SMALL, str(tmp_path / "one"))[0]
+    values = {k: dict(v) for k, v in SMALL.items()}
+    values["train"]["strategy"] = strategy
+    for losses in run_ranks(_fit, 2, values, str(tmp_path / strategy)):
+        assert_close(losses, one, rtol=1e-5, atol=1e-6)
+
+
+def _train_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    common = [
+        "--model",
+        "gpt-tiny",
+        "--data",
+        "synthetic",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "1",
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "plait.cli", "train", *common, "--eval-every", "0", "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+
+
+def test_memory_cap_stops_ddp_and_zero3_fits_under_it(tmp_path):
+    """gpt-tiny's fp32 AdamW states are 13.4 MB per rank under ddp; zero3 on 4 ranks holds about a quarter."""
+    ddp = _train_cli(tmp_path, "--nproc", "2", "--strategy", "ddp", "--mem-cap-gb", "0.008")
+    assert ddp.returncode != 0
+    assert "plait: error: out of memory: rank 0 holds 0.013 GB of model states" in ddp.stderr
+    assert "over --mem-cap-gb 0.008" in ddp.stderr
+    zero3 = _train_cli(tmp_path, "--nproc", "4", "--strategy", "zero3", "--mem-cap-gb", "0.008")
+    assert zero3.returncode == 0, zero3.stderr[-2000:]
+    assert "zero3 on 4 rank(s)" in zero3.stdout
+
+
+def test_estimate_reproduces_the_papers_figure_1():
+    from plait.estimate import model_state_bytes
+
+    gb = {s: round(model_state_bytes(7.5e9, 64, s) / 1e9, 1) for s in ("ddp", "zero1", "zero2", "zero3")}
+    assert gb == {"ddp": 120.0, "zero1": 31.4, "zero2": 16.6, "zero3": 1.9}
+    done = subprocess.run(
+        [sys.executable, "-m", "plait.cli", "estimate", "--params", "7.5e9", "--nproc", "64"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    for figure in ("120.0", "31.4", "16.6", "1.9"):
+        assert figure in done.stdout

@@ -24,6 +24,11 @@ from plait.comm import Context
 class Runtime:
     """Per-model state of an applied strategy. The defaults suit a strategy that keeps full replicas."""
 
+    theory: str = "no communication"
+    """How ``theory_bytes_per_step`` is computed, for the run summary."""
+    supports_no_sync: bool = True
+    """Whether ``no_sync()`` can defer communication (gradient accumulation without it also works)."""
+
     def __init__(
         self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> None:

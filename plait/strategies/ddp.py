@@ -94,6 +94,8 @@ def replicate_from_rank0(model: nn.Module, buffers: list[FlatBuffer], group: Gro
 class DDPRuntime(Runtime):
     """The flat buffers, their buckets, the all-reduces in flight, and (mixed precision) the fp32 master."""
 
+    theory = "ring all-reduce 2(N-1)/N x gradient bytes"
+
     def __init__(
         self, strategy: DDP, module: nn.Module, optimizer: torch.optim.Optimizer | None, group: Group
     ):
@@ -122,6 +124,7 @@ class DDPRuntime(Runtime):
                 [piece for flat in self.buffers for piece in pieces_of(flat, group_of)],
                 optimizer,
                 self.buffers[0].data.device,
+                group,
                 DynamicLossScaler() if compute == torch.float16 else None,
             )
             offset = 0
@@ -175,7 +178,6 @@ class DDPRuntime(Runtime):
         for flat in self.buffers:
             self.master.grad[offset : offset + flat.numel].copy_(flat.grad[: flat.numel])
             offset += flat.numel
-        self.master.unscale_and_check(self.group)
         self.master.attach_grads()
         for flat in self.buffers:  # the next backward overwrites the compute-dtype gradients
             for p in flat.params:
@@ -195,6 +197,7 @@ class DDPRuntime(Runtime):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """The gradients are replicated after backward: clip with no communication."""
         if self.master is not None:
+            self.master.unscale()
             return clip_flat_grads_([self.master.grad], max_norm)
         return clip_flat_grads_([flat.grad[: flat.numel] for flat in self.buffers], max_norm)
 

@@ -64,6 +64,7 @@ class MasterWeights:
         pieces: list[Piece],
         user_optimizer: torch.optim.Optimizer,
         device: torch.device,
+        group: Group,
         loss_scaler: DynamicLossScaler | None = None,
         release_grads: bool = False,
     ) -> None:
@@ -87,9 +88,12 @@ class MasterWeights:
                 f"got {type(user_optimizer).__name__}: use plait.optim.AdamW or plait.optim.SGD"
             )
         self.optimizer = rebuild_optimizer(user_optimizer, by_group)
-        if release_grads:
-            self.optimizer.register_step_post_hook(lambda *_: self.release_grads())
+        self.group = group
         self.loss_scaler = loss_scaler
+        self._unscaled = False
+        self._release = release_grads
+        self.optimizer.register_step_pre_hook(lambda *_: self.unscale())
+        self.optimizer.register_step_post_hook(lambda *_: self._after_step())
 
     @property
     def nbytes(self) -> int:
@@ -117,18 +121,30 @@ class MasterWeights:
         """
         restore_storage(self.grad)
 
-    def unscale_and_check(self, group: Group) -> None:
-        """fp16: divide the gradients by the loss scale; if any rank saw inf/nan, skip the coming step."""
+    def unscale(self) -> None:
+        """fp16: divide the gradients by the loss scale once per step; if any rank saw inf/nan, skip the step.
+
+        Runs before clipping (``clip_grad_norm_`` calls it) or else just before the step, like
+        ``torch.amp.GradScaler.unscale_``; gradients of several backwards between two steps are
+        unscaled together.
+        """
         scaler = self.loss_scaler
-        if scaler is None:
+        if scaler is None or self._unscaled:
             return
+        self._unscaled = True
+        self.ensure_grads()
         self.grad.div_(scaler.scale)
         found = nonfinite([self.grad])
-        group.all_reduce(found, op="max")
+        self.group.all_reduce(found, op="max")
         found_inf = bool(found.item())
         scaler.update(found_inf)
         if found_inf:
             self.optimizer.skip_next_step()
+
+    def _after_step(self) -> None:
+        self._unscaled = False
+        if self._release:
+            self.release_grads()
 
 
 def pieces_of(flat: FlatBuffer, group_of: dict[nn.Parameter, int]) -> list[Piece]:

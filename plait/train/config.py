@@ -91,11 +91,16 @@ class TrainConfig:
     micro_batch: int = 8
     """Sequences per rank per forward/backward; batch_size / (micro_batch x ranks) micro-steps accumulate."""
     strategy: str = "ddp"
-    """How to split the work: a plait strategy name (ddp, none, ...)."""
+    """How to split the work: none, ddp, zero1, zero2 or zero3."""
     bucket_mb: float = 25.0
     """DDP gradient bucket size in MiB."""
     grad_dtype: str | None = None
-    """Dtype gradients travel in (bf16, fp16, fp32); default: the parameters' dtype."""
+    """DDP: dtype gradients travel in (bf16, fp16, fp32); default: the parameters' dtype."""
+    mixed_precision: str | None = None
+    """bf16 or fp16 compute and communication with an fp32 master copy (ddp, zero1/2/3)."""
+    mem_cap_gb: float | None = None
+    """Fail with a clear error when a rank's model states (parameters, gradients, optimizer state and
+    master, counted from live tensors after the first step) exceed this many GB."""
     eval_every: int = 100
     """Measure validation loss every this many steps (and at the end); 0 disables."""
     eval_batches: int = 8
@@ -113,6 +118,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every={self.eval_every} must be >= 0")
+        if self.mem_cap_gb is not None and self.mem_cap_gb <= 0:
+            raise ConfigError(f"mem_cap_gb={self.mem_cap_gb} must be > 0")
         if self.batch_size % self.micro_batch:
             raise ConfigError(
                 f"batch_size={self.batch_size} is not a multiple of micro_batch={self.micro_batch}; "

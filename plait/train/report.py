@@ -40,8 +40,8 @@ def print_summary(summary: Summary, run_dir: str) -> None:
         else float("nan")
     )
     table.add_row(
-        "ring all-reduce theory 2(N-1)/N x grad bytes",
-        f"{_mib(summary.theory_bytes_per_step)} (x{ratio:.3f})",
+        f"theory: {summary.theory}",
+        f"{_mib(summary.theory_bytes_per_step)} (sent x{ratio:.3f})",
     )
     table.add_row("time in communication / step", f"{summary.comm_seconds_per_step * 1000:,.1f} ms")
     console = Console()

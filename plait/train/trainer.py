@@ -26,10 +26,10 @@ import torch.nn.functional as F
 import plait
 from plait.comm import Context, delta
 from plait.data import BatchSampler, eval_batches, load_corpus, split_micro_batches, synthetic_tokens
-from plait.errors import ConfigError, divisors
-from plait.metrics import MetricsLog, peak_memory_bytes
+from plait.errors import ConfigError, MemoryCapExceeded, divisors
+from plait.metrics import MetricsLog, memory_report, peak_memory_bytes
 from plait.models import GPT, preset
-from plait.strategies import DDP, resolve
+from plait.strategies import DDP, Zero, resolve
 from plait.train.config import RunConfig
 from plait.train.report import print_summary
 
@@ -52,6 +52,7 @@ class Summary:
     peak_memory_bytes: list[int]
     bytes_per_step: float
     theory_bytes_per_step: int
+    theory: str
     comm_seconds_per_step: float
 
 
@@ -75,8 +76,36 @@ def adamw_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def _strategy(config: RunConfig) -> plait.Strategy:
     train = config.train
     if train.strategy == "ddp":
-        return DDP(bucket_mb=train.bucket_mb, grad_dtype=train.grad_dtype)
+        return DDP(
+            bucket_mb=train.bucket_mb, grad_dtype=train.grad_dtype, mixed_precision=train.mixed_precision
+        )
+    if train.strategy in ("zero1", "zero2", "zero3"):
+        return Zero(
+            stage=int(train.strategy[-1]), bucket_mb=train.bucket_mb, mixed_precision=train.mixed_precision
+        )
+    if train.mixed_precision is not None:
+        raise ConfigError(
+            f"mixed_precision={train.mixed_precision!r} needs strategy ddp or zero1/2/3, not {train.strategy!r}"
+        )
     return resolve(train.strategy)
+
+
+def check_memory_cap(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, cap_gb: float, strategy: str, ctx: Context
+) -> None:
+    """Raise MemoryCapExceeded on every rank when any rank's model states (live tensors) exceed ``cap_gb``."""
+    report = memory_report(model, optimizer)
+    largest = torch.tensor([float(report.model_states)])
+    ctx.world.all_reduce(largest, op="max")  # every rank decides alike, so none is left waiting
+    if largest.item() <= cap_gb * 1e9:
+        return
+    raise MemoryCapExceeded(
+        f"out of memory: rank {ctx.rank} holds {report.model_states / 1e9:.3f} GB of model states (parameters "
+        f"{report.parameters / 1e9:.3f}, gradients {report.gradients / 1e9:.3f}, optimizer state "
+        f"{report.optimizer_state / 1e9:.3f}, master {report.master / 1e9:.3f}) under strategy={strategy!r}, over "
+        f"--mem-cap-gb {cap_gb:g}. zero1/2/3 shard these over the ranks (plait estimate --model ... --nproc N "
+        "shows how much each holds); or use more ranks or a smaller model."
+    )
 
 
 class Trainer:
@@ -151,7 +180,8 @@ class Trainer:
         local_loss = torch.zeros(())
         for i, (xm, ym) in enumerate(split_micro_batches(x, y, self.accumulate)):
             last = i == self.accumulate - 1
-            with contextlib.nullcontext() if last else self.model.no_sync():
+            defer = not last and self.model.plait_runtime.supports_no_sync
+            with self.model.no_sync() if defer else contextlib.nullcontext():
                 logits = self.model(xm.to(self.ctx.device))
                 loss = (
                     F.cross_entropy(logits.flatten(0, 1), ym.to(self.ctx.device).flatten()) / self.accumulate
@@ -209,6 +239,8 @@ class Trainer:
         try:
             for step in range(self.sampler.step, train.steps):
                 record = self.train_step(step)
+                if train.mem_cap_gb is not None and not records:  # everything is allocated after one step
+                    check_memory_cap(self.model, self.optimizer, train.mem_cap_gb, train.strategy, self.ctx)
                 record["peak_memory"] = peak_memory_bytes(self.ctx.device)
                 self.log.write("step", step=step, **record)
                 records.append(record)
@@ -251,6 +283,7 @@ class Trainer:
             peak_memory_bytes=[int(p) for p in peaks.tolist()],
             bytes_per_step=statistics.mean(r["bytes_sent"] for r in steady),
             theory_bytes_per_step=self.model.plait_runtime.theory_bytes_per_step(),
+            theory=self.model.plait_runtime.theory,
             comm_seconds_per_step=statistics.mean(r["comm_seconds"] for r in steady),
         )
 

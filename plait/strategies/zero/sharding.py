@@ -94,7 +94,12 @@ class ShardedMaster:
         pieces = [
             piece for flat, owned in zip(buckets, self.owned) for piece in owned_pieces(flat, owned, group_of)
         ]
-        self.master = MasterWeights(pieces, optimizer, buckets[0].data.device, loss_scaler, release_grads)
+        self.master = MasterWeights(
+            pieces, optimizer, buckets[0].data.device, group, loss_scaler, release_grads
+        )
+        self.accumulating = False
+        """True once a backward since the last step filled the gradient shard: the next one adds to it."""
+        self.master.optimizer.register_step_post_hook(lambda *_: setattr(self, "accumulating", False))
 
     def master_slice(self, b: int, of: torch.Tensor | None = None) -> torch.Tensor:
         """Bucket ``b``'s shard in the master (``of`` = master.data by default, or master.grad)."""
@@ -115,16 +120,19 @@ class ShardedMaster:
         if gradient.dtype == torch.float16:  # pre-divide: a sum of scaled fp16 gradients can overflow
             gradient.div_(self.group.size)
             op = "sum"
-        if gradient.dtype == target.dtype:
+        if gradient.dtype == target.dtype and not self.accumulating:
             handle = self.group.reduce_scatter(target, gradient, op=op, async_op=True)
-        else:
+        else:  # a narrower dtype to widen, or a gradient to add to the one already there
             shard = torch.empty(target.numel(), dtype=gradient.dtype, device=gradient.device)
-            handle = self.group.reduce_scatter(shard, gradient, op=op, async_op=True).then(
-                lambda: target.copy_(shard)
-            )
+            handle = self.group.reduce_scatter(shard, gradient, op=op, async_op=True)
+            handle.then(lambda: target.add_(shard) if self.accumulating else target.copy_(shard))
         if then is not None:
             handle.then(then)
         return handle
+
+    def backward_done(self) -> None:
+        """A synchronized backward finished: until the step, further backwards accumulate into the shard."""
+        self.accumulating = True
 
     def all_gather(self, b: int, output: torch.Tensor) -> Handle:
         """Every rank's updated shard of bucket ``b`` into ``output`` (the bucket's full flat data)."""
@@ -140,6 +148,7 @@ class ShardedMaster:
 
 def clip_sharded_grads_(master: MasterWeights, group: Group, max_norm: float) -> torch.Tensor:
     """Clip by the global norm of gradients sharded over ``group``: local sums of squares, all-reduced."""
+    master.unscale()
 
     def sum_squares(local: torch.Tensor) -> torch.Tensor:
         local = local.reshape(1)

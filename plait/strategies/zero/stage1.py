@@ -44,6 +44,7 @@ class Stage1Runtime(Runtime):
     """Full parameters and gradients on every rank; master and optimizer state sharded."""
 
     keeps_gradient_buffer = True
+    theory = "reduce-scatter + all-gather 2(N-1)/N x gradient bytes"
 
     def __init__(
         self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
@@ -101,7 +102,7 @@ class Stage1Runtime(Runtime):
 
     def _synced(self) -> None:
         self.wait_for_parameters()  # a parameter forward did not use: its gather must land before the step
-        self.master.unscale_and_check(self.group)
+        self.shards.backward_done()
         self.master.attach_grads()
         self._release_model_gradients()
 

@@ -91,6 +91,10 @@ class Unit:
 class Stage3Runtime(Runtime):
     """Parameters, gradients and optimizer state all sharded; units gathered around their use."""
 
+    supports_no_sync = False
+
+    theory = "2 all-gathers + reduce-scatter 3(N-1)/N x parameter bytes"
+
     def __init__(
         self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
     ):
@@ -282,7 +286,7 @@ class Stage3Runtime(Runtime):
         for unit in self.units:
             unit.reshard()
         self.pool.clear()
-        self.master.unscale_and_check(self.group)
+        self.shards.backward_done()
         self.master.attach_grads()
 
     # -- Runtime interface ------------------------------------------------------------------------
@@ -291,8 +295,9 @@ class Stage3Runtime(Runtime):
     def no_sync(self) -> Iterator[None]:
         raise ConfigError(
             "model.no_sync() does not fit zero3: each unit's gradient is reduce-scattered and dropped as its "
-            "backward ends, so there is no local gradient to accumulate into. Accumulate the loss over "
-            "micro-batches and call backward once, or use zero2, which supports no_sync."
+            "backward ends, so there is no local gradient to accumulate into. Call backward on each "
+            "micro-batch without no_sync (each one's gradient is reduced and added to the shard), or use "
+            "zero2, which supports no_sync."
         )
         yield  # pragma: no cover
 
