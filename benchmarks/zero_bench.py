@@ -167,7 +167,13 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_job(args: argparse.Namespace, candidate: str) -> dict | None:
     out = Path(tempfile.mkdtemp()) / "result.json"
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/plait-torch-extensions"),
+    }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
         __file__, "--worker", "--candidate", candidate, "--out", str(out),
@@ -230,10 +236,10 @@ def main() -> None:
             continue
         tps = baseline[candidate]
         ratio = f"{tps / baseline['plait-ddp']:.2f}x" if "plait-ddp" in baseline else "-"
-        peak = statistics.median(r["peak_rss"] for r in rs) / 2**30
-        steady = statistics.median(r["steady_rss"] for r in rs) / 2**30
+        peak = statistics.median(r["peak_rss"] for r in rs) / 2**20
+        steady = statistics.median(r["steady_rss"] for r in rs) / 2**20
         loss = rs[-1]["loss"]
-        print(f"| {candidate} | {tps:,.1f} | {ratio} | {peak:.2f} GiB | {steady:.2f} GiB | {loss:.3f} |")
+        print(f"| {candidate} | {tps:,.1f} | {ratio} | {peak:,.0f} MiB | {steady:,.0f} MiB | {loss:.3f} |")
 
 
 if __name__ == "__main__":

@@ -201,6 +201,10 @@ class Group:
             0 if self.rank == src else nbytes,
         )
 
+    def release_scratch(self) -> None:
+        """Hand the idle scratch buffers back to the allocator (a strategy that keeps memory low calls this)."""
+        self.scratch.clear()
+
     def route(self) -> Route:
         """This group's route for the next reduce-scatter / all-gather, with a fresh message tag."""
         self._tag = (self._tag + 1) % 2**20

@@ -286,6 +286,7 @@ class Stage3Runtime(Runtime):
         for unit in self.units:
             unit.reshard()
         self.pool.clear()
+        self.group.release_scratch()  # between steps stage 3 keeps only its shards
         self.shards.backward_done()
         self.master.attach_grads()
 
