@@ -19,9 +19,16 @@ import torch.distributed as dist
 from plait.comm.algorithms import AlgorithmTable
 from plait.comm.group import Group
 from plait.comm.stats import CommStats
+from plait.comm.watchdog import Watchdog
 from plait.errors import ConfigError
 
 _current: Context | None = None
+_shutdown_hooks: list = []
+
+
+def on_shutdown(hook) -> None:
+    """Run ``hook()`` at the start of ``shutdown()``, while the process group still works (newest first)."""
+    _shutdown_hooks.append(hook)
 
 
 @dataclasses.dataclass
@@ -39,6 +46,8 @@ class Context:
     """Bytes, time and the op log of every collective this process made."""
     algorithms: AlgorithmTable
     """Which reduce-scatter / all-gather algorithm each message size uses (measured or pinned)."""
+    watchdog: Watchdog | None = None
+    """Explains and ends a hang (a collective pending longer than its timeout); None in a world of one."""
 
     def split(self, partition: list[list[int]], name: str) -> Group:
         """One group per list of global ranks in ``partition``; returns the one holding this rank.
@@ -52,7 +61,10 @@ class Context:
                 f"rank {self.rank} is in {len(mine)} of the groups {partition}; it must be in exactly one"
             )
         pgs = {tuple(ranks): dist.new_group(ranks) for ranks in partition} if self.world_size > 1 else {}
-        return Group(pgs.get(tuple(mine[0])), name, self.stats, self.algorithms, self.device)
+        # a table of its own: algorithm choices are agreed within a group (its rank 0 decides), and
+        # two groups measuring the same message size may decide differently
+        table = AlgorithmTable(pinned=self.algorithms.pinned)
+        return Group(pgs.get(tuple(mine[0])), name, self.stats, table, self.device)
 
 
 def _env_int(name: str) -> int | None:
@@ -65,11 +77,26 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def init(backend: str | None = None, timeout_s: float = 600.0) -> Context:
+def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's agent store, with keys of their own for this restart attempt.
+
+    After an elastic restart torch 2.13's agent keeps its store, and the keys a killed attempt
+    wrote (the old ranks' gloo addresses) can be read by the new one, which then fails to
+    connect (pytorch/pytorch#167288). A prefix per attempt keeps every attempt's keys apart.
+    """
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"plait/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
+def init(backend: str | None = None, timeout_s: float = 600.0, watchdog_s: float | None = None) -> Context:
     """Join the job's default process group (idempotent) and return this process's :class:`Context`.
 
     ``backend`` defaults to "nccl" when CUDA is available, else "gloo". ``timeout_s`` bounds how long
-    any collective may wait before torch raises (plait's own hang watchdog reports sooner).
+    any collective may wait before torch raises. ``watchdog_s`` (default: ``PLAIT_WATCHDOG_S``, else
+    300) is how long an op may stay in flight before plait's watchdog explains the hang and ends
+    the job; 0 turns it off.
     """
     global _current
     if _current is not None:
@@ -101,19 +128,25 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> Context:
 
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
+        device_id = device if device.type == "cuda" else None
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = _attempt_store(world_size, timeout)
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
+            )
         else:
             dist.init_process_group(
-                backend,
-                init_method="env://",
-                rank=rank,
-                world_size=world_size,
-                timeout=timeout,
-                device_id=device if device.type == "cuda" else None,
+                backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
             )
     stats = CommStats()
     algorithms = AlgorithmTable()
+    if watchdog_s is None:
+        watchdog_s = float(os.environ.get("PLAIT_WATCHDOG_S", "300"))
+    watchdog = None
+    if dist.get_world_size() > 1 and watchdog_s > 0 and "MASTER_ADDR" in os.environ:
+        watchdog = Watchdog(stats, dist.get_rank(), dist.get_world_size(), watchdog_s)
     _current = Context(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -123,6 +156,7 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> Context:
         world=Group(None, "world", stats, algorithms, device),
         stats=stats,
         algorithms=algorithms,
+        watchdog=watchdog,
     )
     return _current
 
@@ -141,6 +175,10 @@ def shutdown(exit_code: int | None = None) -> None:
     avoids it. Standard streams are flushed first.
     """
     global _current
+    while _shutdown_hooks:
+        _shutdown_hooks.pop()()
+    if _current is not None and _current.watchdog is not None:
+        _current.watchdog.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
     _current = None

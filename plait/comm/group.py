@@ -10,6 +10,8 @@ On a group of one rank every collective is the identity and nothing is sent.
 
 from __future__ import annotations
 
+import datetime
+import threading
 import time
 from collections.abc import Callable
 
@@ -44,6 +46,7 @@ class Handle:
         self._stats = stats
         self._op = op
         self._then: list[Callable[[], None]] = [finish] if finish is not None else []
+        self._source = -1
         self.done = False
 
     def then(self, fn: Callable[[], None]) -> Handle:
@@ -55,12 +58,56 @@ class Handle:
         """True once the op has completed (then ``wait`` returns at once); never blocks."""
         return self.done or self._work is None or self._work.is_completed()
 
-    def wait(self) -> None:
+    def wait_for(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s``; True once complete (callbacks run), False if still in flight.
+
+        Unlike a timeout inside gloo, giving up here leaves the op and its connections intact, so
+        the caller can still tell its peers what went wrong. (The wait runs on a helper thread:
+        gloo's point-to-point works have no future to attach to.)
+        """
+        if self.done or self._work is None:
+            self.wait()
+            return True
+        start = time.perf_counter()
+        outcome: list[BaseException | None] = []
+
+        def wait() -> None:
+            try:
+                self._work.wait()
+                outcome.append(None)
+            except BaseException as e:  # handed to the caller below
+                outcome.append(e)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(timeout_s)
+        if not outcome:
+            return False
+        if outcome[0] is not None:
+            raise outcome[0]
+        self._complete(start)
+        return True
+
+    def source(self) -> int:
+        """The group rank a receive from any source got its message from (after ``wait``)."""
+        return self._source
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until complete (at most ``timeout_s`` seconds: then RuntimeError), then run the callbacks."""
         if self.done:
             return
         start = time.perf_counter()
         if self._work is not None:
-            self._work.wait()
+            if timeout_s is None:
+                self._work.wait()
+            else:
+                self._work.wait(datetime.timedelta(seconds=timeout_s))
+        self._complete(start)
+
+    def _complete(self, start: float) -> None:
+        """The op is done: note when, where a receive came from, and run the callbacks, once."""
+        if self._work is not None and self._record.op == "recv":
+            self._source = self._work._source_rank()
         self.done = True
         self._record.finished = time.perf_counter()
         self._stats.account(self._op, 0, 0, self._record.finished - start, calls=0)

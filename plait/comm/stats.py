@@ -117,9 +117,18 @@ class CommStats:
     def seconds(self) -> float:
         return sum(t.seconds for t in self.totals.values())
 
+    def records(self) -> list[OpRecord]:
+        """A copy of the op log, safe to take from another thread (the watchdog's) while ops are logged."""
+        for _ in range(10):
+            try:
+                return list(self.log)
+            except RuntimeError:  # the deque changed while being copied: try again
+                continue
+        return []
+
     def pending(self) -> list[OpRecord]:
         """Ops launched but not yet seen complete, oldest first."""
-        return [r for r in self.log if r.finished is None]
+        return [r for r in self.records() if r.finished is None]
 
 
 def delta(after: dict[str, OpTotals], before: dict[str, OpTotals]) -> dict[str, OpTotals]:
