@@ -10,6 +10,7 @@ pipeline stage or a tensor-parallel vocabulary shard can compute it its own way.
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,14 +66,16 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, time, channels = x.shape
-        q, k, v = self.c_attn(x).split(channels, dim=2)
+        batch, time, _ = x.shape
+        # chunk, not split(C): under tensor parallelism c_attn yields this rank's heads only, 3C/t wide,
+        # and n_head counts the local heads.
+        q, k, v = self.c_attn(x).chunk(3, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension for the attention kernel.
         q, k, v = (t.view(batch, time, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
-        y = y.transpose(1, 2).contiguous().view(batch, time, channels)
+        y = y.transpose(1, 2).contiguous().view(batch, time, -1)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -154,6 +157,13 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Map token ids of shape (B, T) to next-token logits of shape (B, T, vocab_size)."""
+        x = self.embed(idx)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.head(x)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the residual stream (B, T, C): token plus position embeddings."""
         _, time = idx.shape
         if time > self.config.block_size:
             raise ValueError(
@@ -161,10 +171,38 @@ class GPT(nn.Module):
                 f"crop the input to at most {self.config.block_size} tokens"
             )
         positions = torch.arange(time, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for block in self.transformer.h:
-            x = block(x)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream (B, T, C) -> logits (B, T, vocab_size): final LayerNorm, tied projection."""
         return self.lm_head(self.transformer.ln_f(x))
+
+    def pipeline_layers(self) -> list[tuple[tuple[str, ...], Callable[[torch.Tensor], torch.Tensor]]]:
+        """The model as a chain for pipeline parallelism: (the module paths a layer owns, its function).
+
+        embed -> each block -> head; each layer passes one tensor to the next, so a pipeline may cut
+        between any two. The tied embedding/head weight belongs to the first and the last layer.
+        """
+        embed = (("transformer.wte", "transformer.wpe", "transformer.drop"), self.embed)
+        blocks = [((f"transformer.h.{i}",), block) for i, block in enumerate(self.transformer.h)]
+        return [embed, *blocks, (("transformer.ln_f", "lm_head"), self.head)]
+
+    @staticmethod
+    def tensor_parallel_plan() -> dict[str, str]:
+        """Megatron-LM's split of a GPT (Shoeybi et al. 2019), for ``plait.TensorParallel``.
+
+        Each block is column-parallel then row-parallel twice (attention: q|k|v split by heads, then
+        the output projection; MLP: c_fc then c_proj), one all-reduce per pair in forward and one in
+        backward. The tied embedding/head is split along the vocabulary.
+        """
+        return {
+            "transformer.wte": "vocab",
+            "transformer.h.*.attn.c_attn": "qkv",
+            "transformer.h.*.attn.c_proj": "row",
+            "transformer.h.*.mlp.c_fc": "col",
+            "transformer.h.*.mlp.c_proj": "row",
+            "lm_head": "vocab",
+        }
 
 
 PRESETS: dict[str, GPTConfig] = {
