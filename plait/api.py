@@ -70,3 +70,34 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     if not isinstance(model, PlaitModule):
         return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
     return model.plait_runtime.clip_grad_norm_(max_norm)
+
+
+class DesyncError(RuntimeError):
+    """Replicas that should be identical are not; the message names the tensor and the ranks."""
+
+
+def check_replicas(model: nn.Module) -> None:
+    """Compare a checksum of every replicated tensor across ranks; raise DesyncError naming the first that differs.
+
+    One all-gather of two float64 numbers (sum and sum of squares) per tensor. Sharded tensors
+    (ZeRO-3's parameters) and asynchronous replicas are not compared.
+    """
+    ctx = current()
+    tensors = model.plait_runtime.replicated_tensors() if isinstance(model, PlaitModule) else dict(model.state_dict())
+    if ctx.world_size == 1 or not tensors:
+        return
+    names = sorted(tensors)
+    mine = torch.stack(
+        [torch.stack([tensors[n].double().sum(), tensors[n].double().square().sum()]) for n in names]
+    ).reshape(-1)
+    everyone = torch.zeros(ctx.world_size * mine.numel(), dtype=torch.float64)
+    ctx.world.all_gather(everyone, mine)
+    table = everyone.view(ctx.world_size, len(names), 2)
+    differs = (table != table[0]).any(dim=2)
+    if differs.any():
+        index = int(differs.any(dim=0).nonzero()[0])
+        ranks = differs[:, index].nonzero().flatten().tolist()
+        raise DesyncError(
+            f"replicas differ: {names[index]!r} on rank(s) {ranks} is not rank 0's "
+            f"(checksums {table[ranks[0], index].tolist()} vs {table[0, index].tolist()})"
+        )

@@ -1,4 +1,4 @@
-"""The ``plait`` command: ``train``, ``launch``, ``estimate``, ``bench``.
+"""The ``plait`` command: ``train``, ``launch``, ``estimate``, ``bench``, ``export``.
 
 Flags of ``plait train`` are derived from the config dataclasses (``plait.train.config``): every
 field is a ``--field-name`` flag whose help is the field's docstring, and a TOML file given with
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import plait
+from plait.checkpoint import CheckpointError
 from plait.errors import ConfigError, MemoryCapExceeded
 from plait.launch import LaunchConfig, launch
 from plait.train.config import SECTIONS, build, field_docs, load_toml, to_toml
@@ -95,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also train --model for STEPS steps on --nproc local ranks and measure",
     )
 
+    export = commands.add_parser("export", help="write a checkpoint's model as one safetensors file")
+    export.add_argument("checkpoint", help="a checkpoint directory (with manifest.json)")
+    export.add_argument("out", help="the .safetensors file to write")
+
     bench = commands.add_parser("bench", help="measure plait's building blocks")
     bench.add_argument("--comm", action="store_true", help="time each reduce-scatter / all-gather algorithm")
     bench.add_argument("--nproc", type=int, default=2, help="ranks to measure on")
@@ -143,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
             from plait.estimate import run
 
             return run(namespace.params, namespace.nproc, namespace.model, namespace.k, namespace.measure)
+        if namespace.command == "export":
+            from plait.checkpoint import export
+
+            shapes = export(namespace.checkpoint, namespace.out)
+            print(f"wrote {len(shapes)} tensors to {namespace.out}")
+            return 0
         if namespace.command == "bench":
             if not namespace.comm:
                 print(
@@ -161,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryCapExceeded as e:
         _report(e)
         return 3
+    except CheckpointError as e:
+        _report(e)
+        return 4
     return 0
 
 

@@ -131,7 +131,10 @@ def run_ranks(
                 results[rank] = pickle.loads(conn.recv_bytes())
             except EOFError:
                 procs[rank].join(5)
-                results[rank] = ("died", f"exited with code {procs[rank].exitcode} before returning")
+                if procs[rank].exitcode == 0:  # ended cleanly without a result (a parameter server does)
+                    results[rank] = ("ok", None)
+                else:
+                    results[rank] = ("died", f"exited with code {procs[rank].exitcode} before returning")
             if results[rank][0] != "ok" and first_failure is None:
                 first_failure = time.monotonic()
 

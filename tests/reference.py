@@ -26,7 +26,11 @@ from plait.models import GPT, GPTConfig
 CONFIG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)
 # odd sizes: no bucket or unit divides evenly over 2 or 4 ranks, so the shards need padding
 ODD = GPTConfig(vocab_size=61, block_size=15, n_layer=2, n_head=2, n_embd=30, dropout=0.0, bias=False)
-CONFIGS = {"default": CONFIG, "odd": ODD}
+# model parallelism: "deep" has 4 heads and 4 blocks to split 4 ways (tp=4, pp=4); "bias" checks
+# the q|k|v bias split by heads and the replicated row-parallel bias (with SGD only: see above)
+DEEP = GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=4, n_embd=32, dropout=0.0, bias=False)
+BIAS = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+CONFIGS = {"default": CONFIG, "odd": ODD, "deep": DEEP, "bias": BIAS}
 GLOBAL_BATCH = 8
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
@@ -38,6 +42,7 @@ def optimizer_factory(kind: str) -> Callable[[Any], torch.optim.Optimizer]:
         "adamw": lambda ps: plait.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
         "sgd": lambda ps: plait.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
         "torch-sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+        "plain-sgd": lambda ps: plait.optim.SGD(ps, lr=0.05),
     }[kind]
 
 
@@ -97,10 +102,11 @@ def distributed_run(
     ctx = plait.init()
     model = make_model(ctx.rank if seed_by_rank else 0, config, freeze)
     model, opt = plait.setup(model, strategy, optimizer_factory(optimizer))
-    local = GLOBAL_BATCH // ctx.world_size
+    rank, ranks = model.dp_rank, model.dp_size  # the ranks that train (a parameter server's do not)
+    local = GLOBAL_BATCH // ranks
     losses, bytes_per_step = [], []
     for x, y in global_batches(steps, config=config):
-        x, y = x[ctx.rank * local : (ctx.rank + 1) * local], y[ctx.rank * local : (ctx.rank + 1) * local]
+        x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
         sent_before = ctx.stats.bytes_sent
         local_loss = 0.0
         for i, (xm, ym) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
@@ -114,8 +120,8 @@ def distributed_run(
         bytes_per_step.append(ctx.stats.bytes_sent - sent_before)
         # the loss is reported outside plait's accounting, as a user's logging would be
         reported = torch.tensor([local_loss])
-        dist.all_reduce(reported)
-        losses.append(reported.item() / ctx.world_size)
+        dist.all_reduce(reported, group=getattr(model.plait_runtime.dp_group, "pg", None))
+        losses.append(reported.item() / ranks)
     with torch.no_grad():
         evaluation = model(next(global_batches(1, seed=99, config=config))[0]).float()
     return {
@@ -146,3 +152,40 @@ def assert_matches_reference(result: dict[str, Any], reference: tuple, **toleran
         assert_close(
             result["state"][name].float(), state[name], **tolerance, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def full_logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A user's loss_fn for ``train_step``: needs the whole (B, T, V) logits."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def train_step_run(
+    strategy: str | plait.Strategy,
+    steps: int,
+    optimizer: str = "adamw",
+    config: str = "default",
+    full_logits: bool = False,
+) -> dict[str, Any]:
+    """``distributed_run`` through ``model.train_step`` (the loop a pipeline needs; every strategy runs it).
+
+    ``full_logits`` passes :func:`full_logits_loss` instead of the default loss (which tensor
+    parallelism computes on vocabulary shards). Returns the losses train_step reported, the final full
+    state dict, the evaluation logits and the runtime's metrics.
+    """
+    plait.init()
+    model, opt = plait.setup(make_model(0, config), strategy, optimizer_factory(optimizer))
+    rank, local = model.dp_rank, GLOBAL_BATCH // model.dp_size
+    losses = []
+    for x, y in global_batches(steps, config=config):
+        mine = slice(rank * local, (rank + 1) * local)
+        losses.append(model.train_step(x[mine], y[mine], full_logits_loss if full_logits else None))
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        evaluation = model(next(global_batches(1, seed=99, config=config))[0])
+    return {
+        "losses": losses,
+        "state": plait.full_state_dict(model),
+        "eval": evaluation,
+        "metrics": model.plait_runtime.metrics(),
+    }

@@ -45,6 +45,12 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._flat_state = [[{} for _ in runs] for runs in self._runs]
         return self._runs
 
+    def materialize_state(self) -> None:
+        """Allocate every run's state now (zeros, step 0), as a checkpoint load needs somewhere to write."""
+        for g, group_runs in enumerate(self._ensure_flat()):
+            for r, run in enumerate(group_runs):
+                self._init_state(g, r, run)
+
     def _init_state(self, group_index: int, run_index: int, run: FlatRun) -> dict[str, torch.Tensor]:
         """Allocate a run's state (zeros, one tensor per name) and expose per-parameter views in ``self.state``."""
         flat = self._flat_state[group_index][run_index]

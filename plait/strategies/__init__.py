@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from plait.errors import ConfigError
+from plait.strategies.async_ps import AsyncPS
 from plait.strategies.base import PlaitModule, Runtime, Strategy
 from plait.strategies.ddp import DDP
+from plait.strategies.hybrid import Hybrid
+from plait.strategies.local_sgd import LocalSGD
+from plait.strategies.pipeline import Pipeline
 from plait.strategies.plain import Plain
+from plait.strategies.tensor_parallel import TensorParallel
 from plait.strategies.zero import Zero
 
 STRATEGIES: dict[str, Callable[[], Strategy]] = {
@@ -16,6 +21,10 @@ STRATEGIES: dict[str, Callable[[], Strategy]] = {
     "zero1": lambda: Zero(stage=1),
     "zero2": lambda: Zero(stage=2),
     "zero3": lambda: Zero(stage=3),
+    "async": AsyncPS,
+    "local-sgd": LocalSGD,
+    "tp": TensorParallel,
+    "pp": Pipeline,
 }
 
 
@@ -30,4 +39,18 @@ def resolve(strategy: str | Strategy) -> Strategy:
     )
 
 
-__all__ = ["DDP", "STRATEGIES", "Plain", "PlaitModule", "Runtime", "Strategy", "Zero", "resolve"]
+__all__ = [
+    "DDP",
+    "STRATEGIES",
+    "AsyncPS",
+    "Hybrid",
+    "LocalSGD",
+    "Pipeline",
+    "Plain",
+    "PlaitModule",
+    "Runtime",
+    "Strategy",
+    "TensorParallel",
+    "Zero",
+    "resolve",
+]

@@ -12,13 +12,23 @@ it swaps the module's class for a subclass that also inherits :class:`PlaitModul
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from plait.comm import Context
+from plait.checkpoint.format import Piece
+from plait.checkpoint.pieces import model_pieces, optimizer_pieces
+from plait.comm import Context, current
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(model output, targets) -> the mean loss over this rank's samples."""
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token logits (..., V) against token ids (...): the default loss."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
 class Runtime:
@@ -28,6 +38,12 @@ class Runtime:
     """How ``theory_bytes_per_step`` is computed, for the run summary."""
     supports_no_sync: bool = True
     """Whether ``no_sync()`` can defer communication (gradient accumulation without it also works)."""
+    synchronous: bool = True
+    """Whether ranks step in lockstep (an asynchronous strategy must not be re-synchronized every step)."""
+    dp_group: Any = None
+    """The group of ranks that share each global batch (None: all ranks)."""
+    dp_rank: int | None = None
+    dp_size: int | None = None
 
     def __init__(
         self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None
@@ -45,6 +61,32 @@ class Runtime:
         """The whole model as ordinary tensors, keyed as the original module's ``state_dict()``."""
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
+    def train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFunction | None = None
+    ) -> float:
+        """Forward, loss, backward (the strategy's hooks communicate); the global mean loss on every rank.
+
+        ``loss_fn(output, targets)`` returns this rank's mean loss; None: token cross-entropy. The
+        optimizer step stays the caller's. Strategies that cannot run a plain backward (pipelines)
+        override this.
+        """
+        loss = (loss_fn or token_cross_entropy)(self.module(inputs), targets)
+        loss.backward()
+        return self.mean_loss(loss.detach())
+
+    def mean_loss(self, loss: torch.Tensor) -> float:
+        """This rank's mean loss averaged over the data-parallel ranks (one 4-byte all-reduce on them).
+
+        Equal local batches make it the mean over the global batch. Ranks that do not step in
+        lockstep (asynchronous strategies) report their own loss instead: a collective would sync them.
+        """
+        group = self.dp_group if self.dp_group is not None else current().world
+        if not self.synchronous or group.size == 1:
+            return loss.item()
+        loss = loss.reshape(1).clone()
+        group.all_reduce(loss, op="avg")
+        return loss.item()
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale gradients so their global L2 norm is at most ``max_norm``; return the norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(
@@ -54,6 +96,26 @@ class Runtime:
     def theory_bytes_per_step(self) -> int:
         """Bytes one rank should send per optimizer step by the algorithm's theory (0: no communication)."""
         return 0
+
+    def checkpoint_pieces(self, optimizer: Any) -> list[Piece]:
+        """What this rank saves and loads (``plait.checkpoint``): here every tensor whole, replicated."""
+        state = optimizer_pieces(self.module, optimizer)  # first: it may flatten (move) the parameters
+        return model_pieces(self.module) + state
+
+    def replicated_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors every rank should hold identically (what ``plait.check_replicas`` compares)."""
+        return dict(self.module.state_dict())
+
+    def checkpoint_guard(self) -> contextlib.AbstractContextManager:
+        """Held while a checkpoint copies this rank's pieces (a strategy whose state changes in the background locks it)."""
+        return contextlib.nullcontext()
+
+    def after_checkpoint_load(self) -> None:
+        """Bring derived copies (compute-dtype parameters, gathered replicas) up to the loaded values."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Strategy-specific figures for the per-step metrics (staleness, synchronizations, ...)."""
+        return {}
 
     def memory_tensors(self) -> dict[str, list[torch.Tensor]]:
         """The tensors this runtime keeps alive, by role (see ``plait.memory_report``)."""
@@ -100,6 +162,33 @@ class PlaitModule:
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Inside this block backward accumulates gradients without communicating (gradient accumulation)."""
         return self._plait_runtime.no_sync()
+
+    def train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFunction | None = None
+    ) -> float:
+        """Forward, loss and backward of one batch under the strategy (a pipeline runs its schedule).
+
+        ``loss_fn(output, targets)`` -> mean loss; None: token cross-entropy (vocabulary-parallel
+        under tensor parallelism). Returns the global mean loss, the same float on every rank.
+        Call ``optimizer.step()`` after it, as after ``loss.backward()``.
+        """
+        return self._plait_runtime.train_step(inputs, targets, loss_fn)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the ranks that share each global batch: which slice a data loader takes."""
+        runtime = self._plait_runtime
+        if runtime.dp_rank is not None:
+            return runtime.dp_rank
+        return runtime.dp_group.rank if runtime.dp_group is not None else current().rank
+
+    @property
+    def dp_size(self) -> int:
+        """How many ranks share each global batch."""
+        runtime = self._plait_runtime
+        if runtime.dp_size is not None:
+            return runtime.dp_size
+        return runtime.dp_group.size if runtime.dp_group is not None else current().world_size
 
 
 _swapped_classes: dict[type, type] = {}

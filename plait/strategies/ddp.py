@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from plait.buffers import Bucket, FlatBuffer, make_buckets
+from plait.checkpoint.format import Piece
+from plait.checkpoint.pieces import model_pieces
 from plait.comm import Context, Group, Handle
 from plait.errors import ConfigError
 from plait.precision import DynamicLossScaler, parse_dtype, parse_mixed_precision
@@ -46,7 +48,7 @@ from plait.strategies.base import (
     parameter_names,
 )
 from plait.strategies.bucketing import GradientBuckets
-from plait.strategies.master import MasterWeights, pieces_of, scale_output_gradients
+from plait.strategies.master import MasterWeights, flat_segments, pieces_of, scale_output_gradients
 
 _MIB = 2**20
 
@@ -217,6 +219,20 @@ class DDPRuntime(Runtime):
 
     def gradient_tensors(self) -> list[torch.Tensor]:
         return [flat.grad for flat in self.buffers]
+
+    def checkpoint_pieces(self, optimizer: object) -> list[Piece]:
+        if self.master is None:
+            return super().checkpoint_pieces(optimizer)
+        trainable = {id(p) for flat in self.buffers for p in flat.params}
+        segments, offset = [], 0
+        for flat in self.buffers:  # the fp32 master covers every trainable parameter, replicated
+            segments += flat_segments(flat, 0, flat.numel, offset)
+            offset += flat.numel
+        return model_pieces(self.module, trainable) + self.master.checkpoint_pieces(segments, replicated=True)
+
+    def after_checkpoint_load(self) -> None:
+        if self.master is not None:
+            self._copy_master_to_model()
 
     def theory_bytes_per_step(self) -> int:
         world = self.group.size

@@ -25,10 +25,23 @@ import torch
 from torch import nn
 
 from plait.buffers import FlatBuffer, free_storage, restore_storage
+from plait.checkpoint.format import Piece as CheckpointPiece
+from plait.checkpoint.format import flat_range_pieces
 from plait.comm import Group
 from plait.errors import ConfigError
 from plait.optim import FlatOptimizer
 from plait.precision import DynamicLossScaler, nonfinite
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Elements [param_lo, param_lo + numel) of model parameter ``name`` live at ``master_lo`` in the master."""
+
+    name: str
+    shape: tuple[int, ...]
+    param_lo: int
+    master_lo: int
+    numel: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +117,38 @@ class MasterWeights:
         if self.buffer is not None:
             self.buffer.attach_grads()
 
+    def state_views(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """The optimizer state of master elements [lo, hi): views, by state name ("step" is 0-d)."""
+        materialize = getattr(self.optimizer, "materialize_state", None)
+        if materialize is not None:
+            materialize()
+        buffer = self.buffer
+        for param, start, numel in zip(buffer.params, buffer.offsets, buffer.numels):
+            if start <= lo and hi <= start + numel:
+                return {
+                    name: value if value.dim() == 0 else value.reshape(-1)[lo - start : hi - start]
+                    for name, value in self.optimizer.state.get(param, {}).items()
+                    if isinstance(value, torch.Tensor)
+                }
+        raise ValueError(f"master elements [{lo}, {hi}) span more than one optimizer piece")
+
+    def checkpoint_pieces(self, segments: list[Segment], replicated: bool = False) -> list[CheckpointPiece]:
+        """Model values (fp32) and optimizer state of every segment, as checkpoint pieces."""
+        pieces = []
+        for seg in segments:
+            values = self.data[seg.master_lo : seg.master_lo + seg.numel]
+            for piece in flat_range_pieces(f"model/{seg.name}", seg.shape, seg.param_lo, values):
+                piece.replicated = replicated
+                pieces.append(piece)
+            for state, view in self.state_views(seg.master_lo, seg.master_lo + seg.numel).items():
+                if view.dim() == 0:
+                    pieces.append(CheckpointPiece(f"optim/{seg.name}/{state}", (), (), view, replicated=True))
+                    continue
+                for piece in flat_range_pieces(f"optim/{seg.name}/{state}", seg.shape, seg.param_lo, view):
+                    piece.replicated = replicated
+                    pieces.append(piece)
+        return pieces
+
     def release_grads(self) -> None:
         """After the step the gradient shard is spent: free its storage until the next backward fills it.
 
@@ -173,3 +218,15 @@ def scale_output_gradients(module: nn.Module, scaler: DynamicLossScaler) -> None
                 tensor.register_hook(scale)
 
     module.register_forward_hook(after_forward)
+
+
+def flat_segments(flat: FlatBuffer, lo: int, hi: int, master_lo: int) -> list[Segment]:
+    """The parameters of ``flat`` overlapping its elements [lo, hi), held in a master from ``master_lo`` on."""
+    segments = []
+    for name, param, offset, numel in zip(flat.names, flat.params, flat.offsets, flat.numels):
+        start, stop = max(lo, offset), min(hi, offset + numel)
+        if start < stop:
+            segments.append(
+                Segment(name, tuple(param.shape), start - offset, master_lo + start - lo, stop - start)
+            )
+    return segments

@@ -91,13 +91,36 @@ class TrainConfig:
     micro_batch: int = 8
     """Sequences per rank per forward/backward; batch_size / (micro_batch x ranks) micro-steps accumulate."""
     strategy: str = "ddp"
-    """How to split the work: none, ddp, zero1, zero2 or zero3."""
+    """How to split the work: none, ddp, zero1, zero2, zero3, async or local-sgd."""
     bucket_mb: float = 25.0
     """DDP gradient bucket size in MiB."""
     grad_dtype: str | None = None
     """DDP: dtype gradients travel in (bf16, fp16, fp32); default: the parameters' dtype."""
     mixed_precision: str | None = None
     """bf16 or fp16 compute and communication with an fp32 master copy (ddp, zero1/2/3)."""
+    staleness: int | None = None
+    """async: most steps the fastest worker may run ahead of the slowest (unset: fully asynchronous)."""
+    servers: int = 0
+    """async: ranks that only serve parameters (0: every worker also serves a shard)."""
+    period: int = 8
+    """local-sgd: optimizer steps between synchronizations (H)."""
+    outer: str = "average"
+    """local-sgd: "average" (local SGD) or "nesterov" (DiLoCo)."""
+    outer_lr: float = 0.7
+    """local-sgd with outer=nesterov: DiLoCo's outer learning rate."""
+    slow_rank: int | None = None
+    """Make this rank a straggler (experiments): its steps take slow_factor times as long."""
+    slow_factor: float = 1.0
+    """How much longer the slow rank's steps take (2.0: twice as long)."""
+    save_every: int = 0
+    """Save a checkpoint to RUN_DIR/checkpoints every this many steps (0: never). A run that finds a
+    complete checkpoint there resumes from the latest one, as an elastic restart does."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    async_checkpoint: bool = False
+    """Write checkpoints from a background thread while training goes on."""
+    desync_every: int = 0
+    """Every this many steps compare a checksum of the replicated parameters across ranks (0: never)."""
     mem_cap_gb: float | None = None
     """Fail with a clear error when a rank's model states (parameters, gradients, optimizer state and
     master, counted from live tensors after the first step) exceed this many GB."""
@@ -118,6 +141,12 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every={self.eval_every} must be >= 0")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError(
+                f"save_every={self.save_every} must be >= 0 and keep_checkpoints={self.keep_checkpoints} >= 1"
+            )
+        if self.slow_factor < 1:
+            raise ConfigError(f"slow_factor={self.slow_factor} must be >= 1 (a straggler is slower, not faster)")
         if self.mem_cap_gb is not None and self.mem_cap_gb <= 0:
             raise ConfigError(f"mem_cap_gb={self.mem_cap_gb} must be > 0")
         if self.batch_size % self.micro_batch:

@@ -15,6 +15,14 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
+def _format(value: object) -> str:
+    if isinstance(value, dict):
+        return " ".join(f"{k}:{v}" for k, v in sorted(value.items(), key=lambda kv: int(kv[0])))
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    return str(value)
+
+
 def print_summary(summary: Summary, run_dir: str) -> None:
     """Print the run's summary as a table: losses, speed, memory per rank, bytes against theory."""
     table = Table(title=f"plait train: {summary.strategy} on {summary.world_size} rank(s)", show_header=True)
@@ -44,6 +52,8 @@ def print_summary(summary: Summary, run_dir: str) -> None:
         f"{_mib(summary.theory_bytes_per_step)} (sent x{ratio:.3f})",
     )
     table.add_row("time in communication / step", f"{summary.comm_seconds_per_step * 1000:,.1f} ms")
+    for name, value in summary.strategy_metrics.items():
+        table.add_row(name.replace("_", " "), _format(value))
     console = Console()
     console.print(table)
     console.print(f"metrics: {run_dir}/metrics.jsonl  summary: {run_dir}/summary.json")

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -24,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 import plait
+from plait import checkpoint
+from plait.checkpoint import latest
 from plait.comm import Context, delta
 from plait.data import BatchSampler, eval_batches, load_corpus, split_micro_batches, synthetic_tokens
 from plait.errors import ConfigError, MemoryCapExceeded, divisors
 from plait.metrics import MetricsLog, memory_report, peak_memory_bytes
 from plait.models import GPT, preset
-from plait.strategies import DDP, Zero, resolve
+from plait.strategies import DDP, AsyncPS, LocalSGD, Zero, resolve
 from plait.train.config import RunConfig
 from plait.train.report import print_summary
 
@@ -54,6 +57,8 @@ class Summary:
     theory_bytes_per_step: int
     theory: str
     comm_seconds_per_step: float
+    strategy_metrics: dict
+    """This rank's (rank 0's) strategy-specific figures: staleness histogram, pushes, synchronizations."""
 
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
@@ -74,19 +79,20 @@ def adamw_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def _strategy(config: RunConfig) -> plait.Strategy:
+    """The strategy object ``config.train`` names, with its options."""
     train = config.train
-    if train.strategy == "ddp":
-        return DDP(
-            bucket_mb=train.bucket_mb, grad_dtype=train.grad_dtype, mixed_precision=train.mixed_precision
-        )
-    if train.strategy in ("zero1", "zero2", "zero3"):
-        return Zero(
-            stage=int(train.strategy[-1]), bucket_mb=train.bucket_mb, mixed_precision=train.mixed_precision
-        )
-    if train.mixed_precision is not None:
+    if train.mixed_precision is not None and train.strategy not in ("ddp", "zero1", "zero2", "zero3"):
         raise ConfigError(
             f"mixed_precision={train.mixed_precision!r} needs strategy ddp or zero1/2/3, not {train.strategy!r}"
         )
+    if train.strategy == "ddp":
+        return DDP(bucket_mb=train.bucket_mb, grad_dtype=train.grad_dtype, mixed_precision=train.mixed_precision)
+    if train.strategy in ("zero1", "zero2", "zero3"):
+        return Zero(stage=int(train.strategy[-1]), bucket_mb=train.bucket_mb, mixed_precision=train.mixed_precision)
+    if train.strategy == "async":
+        return AsyncPS(staleness=train.staleness, servers=train.servers)
+    if train.strategy == "local-sgd":
+        return LocalSGD(period=train.period, outer=train.outer, outer_lr=train.outer_lr)
     return resolve(train.strategy)
 
 
@@ -115,17 +121,7 @@ class Trainer:
         self.config = config
         self.ctx = ctx or plait.init()
         train = config.train
-        per_step = train.micro_batch * self.ctx.world_size
-        if train.batch_size % per_step:
-            raise ConfigError(
-                f"batch_size={train.batch_size} is not a multiple of micro_batch x ranks = "
-                f"{train.micro_batch} x {self.ctx.world_size}; use a micro_batch in {divisors(train.batch_size // self.ctx.world_size)} "
-                f"or a batch_size that is a multiple of {per_step}"
-            )
-        self.accumulate = train.batch_size // per_step
-        overrides = {
-            k: v for k, v in dataclasses.asdict(config.model).items() if k != "model" and v is not None
-        }
+        overrides = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "model" and v is not None}
         self.model_config = preset(config.model.model, **overrides)
         self.train_tokens, self.val_tokens = self._load_data()
 
@@ -141,15 +137,45 @@ class Trainer:
             ),
             ctx=self.ctx,
         )
+        self.runtime = self.model.plait_runtime
+        # the ranks that train (a parameter server's dedicated servers do not) share each global batch
+        self.group = self.runtime.dp_group or self.ctx.world
+        self.rank, self.ranks = self.model.dp_rank, self.model.dp_size
+        per_step = train.micro_batch * self.ranks
+        if train.batch_size % per_step:
+            raise ConfigError(
+                f"batch_size={train.batch_size} is not a multiple of micro_batch x training ranks = "
+                f"{train.micro_batch} x {self.ranks}; use a micro_batch in {divisors(train.batch_size // self.ranks)} "
+                f"or a batch_size that is a multiple of {per_step}"
+            )
+        self.accumulate = train.batch_size // per_step
         self.sampler = BatchSampler(
-            self.train_tokens,
-            self.model_config.block_size,
-            train.batch_size,
-            self.ctx.rank,
-            self.ctx.world_size,
-            train.seed,
+            self.train_tokens, self.model_config.block_size, train.batch_size, self.rank, self.ranks, train.seed
         )
+        self.checkpoints = Path(train.run_dir, "checkpoints")
+        self.resumed_from = self._resume()
         self.log = MetricsLog(train.run_dir, self.ctx.rank)
+
+    def _resume(self) -> Path | None:
+        """Continue from the newest complete checkpoint in RUN_DIR/checkpoints, if checkpointing and one exists."""
+        if not self.config.train.save_every:
+            return None
+        found = latest(self.checkpoints)
+        if found is not None:
+            _, extra = checkpoint.load(found, self.model, self.optimizer)
+            self.sampler.load_state_dict(extra["sampler"])
+        return found
+
+    def _save(self, step: int) -> None:
+        """Checkpoint after ``step`` steps (data position included); keep the newest ``keep_checkpoints``."""
+        train = self.config.train
+        extra = {"sampler": self.sampler.state_dict()}
+        directory = self.checkpoints / f"step_{step:06d}"
+        checkpoint.save(directory, self.model, self.optimizer, step=step, extra=extra, blocking=not train.async_checkpoint)
+        if self.ctx.rank == 0:
+            complete = sorted(p for p in self.checkpoints.glob("step_*") if (p / "manifest.json").exists())
+            for old in complete[: -train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _load_data(self) -> tuple[np.ndarray, np.ndarray]:
         data = self.config.data
@@ -191,10 +217,17 @@ class Trainer:
         grad_norm = plait.clip_grad_norm_(self.model, optim.grad_clip) if optim.grad_clip else None
         self.optimizer.step()
         self.optimizer.zero_grad()
+        if train.slow_rank == self.ctx.rank and train.slow_factor > 1:
+            # a straggler for experiments: this rank's steps take slow_factor times as long
+            time.sleep((train.slow_factor - 1) * (time.perf_counter() - start))
         step_time = time.perf_counter() - start
         comm = delta(self.ctx.stats.snapshot(), before)
+        # synchronous strategies report the global mean loss; asynchronous ones must not wait for a
+        # collective every step (that would re-synchronize them), so each rank reports its own
+        loss = self._mean_over_ranks(local_loss) if self.runtime.synchronous else float(local_loss)
         return {
-            "loss": self._mean_over_ranks(local_loss),
+            **self.runtime.metrics(),
+            "loss": loss,
             "lr": lr,
             "step_time": step_time,
             "tokens_per_s": train.batch_size * self.model_config.block_size / step_time,
@@ -206,28 +239,34 @@ class Trainer:
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         """The mean of a scalar over all ranks (a 4-byte all-reduce, made after the step's accounting)."""
         value = value.reshape(1).float()
-        self.ctx.world.all_reduce(value, op="avg")
+        self.group.all_reduce(value, op="avg")
         return value.item()
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over fixed windows spread over the validation tokens, across all ranks."""
+        """Mean validation loss over fixed windows spread over the validation tokens.
+
+        Synchronous strategies split the windows over the ranks and average; an asynchronous rank
+        evaluates all of them on its own replica, so evaluation never makes it wait for the others.
+        """
         train = self.config.train
+        synchronous = self.runtime.synchronous
         self.model.eval()
         batches = eval_batches(
             self.val_tokens,
             self.model_config.block_size,
             train.batch_size,
             train.eval_batches,
-            self.ctx.rank,
-            self.ctx.world_size,
+            self.rank if synchronous else 0,
+            self.ranks if synchronous else 1,
         )
         total = torch.zeros(())
         for x, y in batches:
             logits = self.model(x.to(self.ctx.device))
             total += F.cross_entropy(logits.flatten(0, 1), y.to(self.ctx.device).flatten()).cpu()
         self.model.train()
-        return self._mean_over_ranks(total / len(batches))
+        mean = total / len(batches)
+        return self._mean_over_ranks(mean) if synchronous else float(mean)
 
     # -- the run ------------------------------------------------------------------------------------
 
@@ -236,25 +275,35 @@ class Trainer:
         train = self.config.train
         records, evals = [], []
         progress = _Progress(train.steps) if self.ctx.rank == 0 and train.progress else None
+        started = time.perf_counter()
         try:
             for step in range(self.sampler.step, train.steps):
                 record = self.train_step(step)
                 if train.mem_cap_gb is not None and not records:  # everything is allocated after one step
                     check_memory_cap(self.model, self.optimizer, train.mem_cap_gb, train.strategy, self.ctx)
                 record["peak_memory"] = peak_memory_bytes(self.ctx.device)
-                self.log.write("step", step=step, **record)
+                self.log.write("step", step=step, time=time.perf_counter() - started, **record)
                 records.append(record)
                 if progress is not None:
                     progress.update(step, record)
                 last = step == train.steps - 1
+                if train.desync_every and (step + 1) % train.desync_every == 0:
+                    plait.check_replicas(self.model)
+                if train.save_every and ((step + 1) % train.save_every == 0 or last):
+                    self._save(step + 1)
                 if train.eval_every and (step % train.eval_every == 0 or last):
                     val = self.evaluate()
-                    self.log.write("eval", step=step, val_loss=val)
+                    self.log.write("eval", step=step, time=time.perf_counter() - started, val_loss=val)
                     evals.append(val)
+            checkpoint.wait_for_pending()
         finally:
             if progress is not None:
                 progress.close()
             self.log.close()
+        if not records:
+            raise ConfigError(
+                f"nothing to train: the run in {train.run_dir} resumed at step {self.sampler.step} of steps={train.steps}"
+            )
         summary = self._summarize(records, evals)
         if self.ctx.rank == 0:
             Path(train.run_dir, "summary.json").write_text(
@@ -266,11 +315,11 @@ class Trainer:
     def _summarize(self, records: list[dict[str, float]], evals: list[float]) -> Summary:
         steady = records[1:] or records  # the first step pays one-time costs (allocation, bucket order)
         peak = torch.tensor([float(peak_memory_bytes(self.ctx.device))])
-        peaks = torch.zeros(self.ctx.world_size)
-        self.ctx.world.all_gather(peaks, peak)
+        peaks = torch.zeros(self.ranks)
+        self.group.all_gather(peaks, peak)
         return Summary(
             strategy=self.config.train.strategy,
-            world_size=self.ctx.world_size,
+            world_size=self.ranks,
             params=self.params,
             steps=len(records),
             tokens_per_step=self.config.train.batch_size * self.model_config.block_size,
@@ -285,6 +334,7 @@ class Trainer:
             theory_bytes_per_step=self.model.plait_runtime.theory_bytes_per_step(),
             theory=self.model.plait_runtime.theory,
             comm_seconds_per_step=statistics.mean(r["comm_seconds"] for r in steady),
+            strategy_metrics=self.runtime.metrics(),
         )
 
 

@@ -24,7 +24,7 @@ from plait.comm import Group, Handle
 from plait.comm.pool import BufferPool
 from plait.precision import DynamicLossScaler
 from plait.strategies.base import clip_flat_grads_, group_ordered, parameter_names
-from plait.strategies.master import MasterWeights, Piece
+from plait.strategies.master import MasterWeights, Piece, Segment, flat_segments
 
 _MIB = 2**20
 
@@ -129,6 +129,14 @@ class ShardedMaster:
         if then is not None:
             handle.then(then)
         return handle
+
+    def segments(self) -> list[Segment]:
+        """Which elements of which parameters this rank's master holds (for checkpoints)."""
+        return [
+            segment
+            for b, (flat, owned) in enumerate(zip(self.buckets, self.owned))
+            for segment in flat_segments(flat, owned.start, owned.stop, self.offsets[b])
+        ]
 
     def backward_done(self) -> None:
         """A synchronized backward finished: until the step, further backwards accumulate into the shard."""

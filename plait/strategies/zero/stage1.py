@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from plait.buffers import FlatBuffer
-from plait.comm import Context, Handle
+from plait.checkpoint.format import Piece
+from plait.checkpoint.pieces import model_pieces
+from plait.comm import Context, Group, Handle
 from plait.errors import ConfigError
 from plait.precision import DynamicLossScaler, parse_mixed_precision
 from plait.strategies.base import Runtime, Strategy, cast_frozen_parameters, flat_names
@@ -47,12 +49,18 @@ class Stage1Runtime(Runtime):
     theory = "reduce-scatter + all-gather 2(N-1)/N x gradient bytes"
 
     def __init__(
-        self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
+        self,
+        strategy: Strategy,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        ctx: Context,
+        group: Group | None = None,
     ):
+        """``group``: the data-parallel ranks to shard over (default: the whole world)."""
         super().__init__(strategy, module, optimizer)
         if optimizer is None:
             raise ConfigError(f"zero{strategy.stage} shards the optimizer: pass optimizer= to plait.setup")
-        self.group = group = ctx.world
+        self.group = group = group or ctx.world
         self.compute = parse_mixed_precision(strategy.mixed_precision)
         params, group_of = group_major_order(module, optimizer)
         self.buckets = bucketed_buffers(
@@ -175,6 +183,19 @@ class Stage1Runtime(Runtime):
 
     def gradient_tensors(self) -> list[torch.Tensor]:
         return [flat.grad for flat in self.buckets]
+
+    def checkpoint_pieces(self, optimizer: object) -> list[Piece]:
+        """This rank's fp32 master shards and their optimizer state; buffers and frozen parameters whole."""
+        trainable = {id(p) for flat in self.buckets for p in flat.params}
+        return model_pieces(self.module, trainable) + self.master.checkpoint_pieces(self.shards.segments())
+
+    def after_checkpoint_load(self) -> None:
+        self._gather_updated()
+        self.wait_for_parameters()
+
+    def replicated_tensors(self) -> dict[str, torch.Tensor]:
+        self.wait_for_parameters()
+        return super().replicated_tensors()
 
     def theory_bytes_per_step(self) -> int:
         """Reduce-scatter plus all-gather of every (padded) bucket: 2(N-1)/N x gradient bytes, as DDP."""

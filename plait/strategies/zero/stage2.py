@@ -62,8 +62,12 @@ class Stage2Runtime(Stage1Runtime):
         return self.pool.release_after(self.shards.reduce_scatter(b, buffer), buffer)
 
     def _release_model_gradients(self) -> None:
-        """Each gradient was dropped as soon as its bucket copied it; the bucket buffers go too."""
-        self.pool.clear()
+        """Each gradient was dropped as soon as its bucket copied it.
+
+        The pool keeps its few idle bucket buffers for the next backward: allocating them afresh
+        every step costs page faults (measured: stage 2 at 0.92x of ddp with them, see
+        docs/benchmarks.md). Stage 3, whose point is memory, gives them back instead.
+        """
 
     def gradient_tensors(self) -> list[torch.Tensor]:
         return self.pool.tensors()

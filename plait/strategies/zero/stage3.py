@@ -31,13 +31,15 @@ import torch
 from torch import nn
 
 from plait.buffers import FlatBuffer, free_storage, restore_storage
+from plait.checkpoint.format import Piece, flat_range_pieces
+from plait.checkpoint.pieces import model_pieces
 from plait.comm import Context, Group, Handle
 from plait.errors import ConfigError
 from plait.precision import DynamicLossScaler, parse_mixed_precision
 from plait.strategies.base import Runtime, Strategy, flat_names, group_ordered, parameter_names
 from plait.strategies.bucketing import GradientBuckets
 from plait.strategies.ddp import replicate_from_rank0
-from plait.strategies.master import scale_output_gradients
+from plait.strategies.master import flat_segments, scale_output_gradients
 from plait.strategies.zero.sharding import BucketPool, ShardedMaster, clip_sharded_grads_
 
 
@@ -327,10 +329,32 @@ class Stage3Runtime(Runtime):
                 unit.reshard()
         return state
 
+    def replicated_tensors(self) -> dict[str, torch.Tensor]:
+        """Only the buffers: every parameter is sharded."""
+        return dict(self.module.named_buffers())
+
     def theory_bytes_per_step(self) -> int:
         """Two all-gathers (forward, backward) and one reduce-scatter of every unit: 1.5x DDP's bytes."""
         total = sum(u.trainable.data.numel() * u.trainable.data.element_size() for u in self._unit_of_bucket)
         return 3 * (self.group.size - 1) * total // self.group.size
+
+    def checkpoint_pieces(self, optimizer: object) -> list[Piece]:
+        """The fp32 master shards with their optimizer state, the frozen shards, the buffers whole."""
+        held = {id(p) for unit in self.units for flat in unit.buffers for p in flat.params}
+        pieces = model_pieces(self.module, held) + self.master.checkpoint_pieces(self.shards.segments())
+        for unit in self.units:
+            for flat, shard in zip(unit.buffers, unit.shards):
+                if flat is unit.trainable:
+                    continue
+                owned = flat.shard(self.group.rank, self.group.size)
+                for seg in flat_segments(flat, owned.start, owned.stop, 0):
+                    values = shard[seg.master_lo : seg.master_lo + seg.numel]
+                    pieces += flat_range_pieces(f"model/{seg.name}", seg.shape, seg.param_lo, values)
+        return pieces
+
+    def after_checkpoint_load(self) -> None:
+        if self.compute is not None:
+            self._refresh_compute_shards()
 
     def parameter_tensors(self) -> list[torch.Tensor]:
         return [shard for unit in self.units for shard in unit.shards] + [
