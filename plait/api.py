@@ -83,7 +83,11 @@ def check_replicas(model: nn.Module) -> None:
     (ZeRO-3's parameters) and asynchronous replicas are not compared.
     """
     ctx = current()
-    tensors = model.plait_runtime.replicated_tensors() if isinstance(model, PlaitModule) else dict(model.state_dict())
+    tensors = (
+        model.plait_runtime.replicated_tensors()
+        if isinstance(model, PlaitModule)
+        else dict(model.state_dict())
+    )
     if ctx.world_size == 1 or not tensors:
         return
     names = sorted(tensors)

@@ -19,7 +19,9 @@ STEPS = 5
 
 
 @pytest.mark.parametrize(
-    ("world_size", "servers"), [(2, 0), (4, 0), (3, 1)], ids=["2-colocated", "4-colocated", "2-workers-1-server"]
+    ("world_size", "servers"),
+    [(2, 0), (4, 0), (3, 1)],
+    ids=["2-colocated", "4-colocated", "2-workers-1-server"],
 )
 def test_staleness_zero_is_ddp(world_size, servers):
     reference = reference_run(STEPS)
@@ -38,7 +40,9 @@ def test_local_sgd_with_period_one_and_sgd_is_ddp(world_size):
         assert_matches_reference(result, reference, **FP32)
 
 
-def _regression(strategy: plait.Strategy, steps: int, slow_rank: int | None = None, die_at: int | None = None) -> dict:
+def _regression(
+    strategy: plait.Strategy, steps: int, slow_rank: int | None = None, die_at: int | None = None
+) -> dict:
     """Linear regression y = X w* on each worker's own data; returns the distance to w* and the metrics."""
     ctx = plait.init()
     torch.manual_seed(0)
@@ -110,7 +114,11 @@ def test_local_sgd_and_diloco_converge():
 
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
-    [(dict(staleness=-1), "staleness=-1"), (dict(servers=-2), "servers=-2"), (dict(timeout_s=0), "timeout_s=0")],
+    [
+        (dict(staleness=-1), "staleness=-1"),
+        (dict(servers=-2), "servers=-2"),
+        (dict(timeout_s=0), "timeout_s=0"),
+    ],
 )
 def test_bad_async_arguments(kwargs, fragment):
     with pytest.raises(plait.ConfigError, match=fragment):

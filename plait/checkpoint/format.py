@@ -52,6 +52,9 @@ class Piece:
     """False: loaded if the checkpoint has it (state only one strategy keeps, e.g. DiLoCo's momentum)."""
     loaded: bool = False
     """Set by ``load`` once the piece's values came from the checkpoint."""
+    share: tuple[int, int] | None = None
+    """For a replicated piece: this rank's index among the ranks holding the same copy, and their
+    number (default: every rank of the world holds it)."""
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -118,6 +121,8 @@ def rows_share(piece: Piece, rank: int, world: int) -> Piece | None:
     A 0-d value (a step count) is written by every rank that holds it: the copies are equal, and no
     rank can know without asking whether a lower one holds it too.
     """
+    if piece.share is not None:
+        rank, world = piece.share
     if not piece.lengths:
         return piece
     if piece.lengths[0] == 0:

@@ -88,7 +88,7 @@ class PendingSave:
         """
         try:
             tensors = {
-                f"c{i}": piece.tensor.detach().clone() if copy else piece.tensor
+                f"c{i}": piece.tensor.detach().clone().contiguous() if copy else piece.tensor.contiguous()
                 for i, piece in enumerate(chunks)
             }
             path = self.partial / file_name(rank)
@@ -206,7 +206,7 @@ def save(
         }
         for group in (optimizer.param_groups if optimizer is not None else [])
     ]
-    mesh = getattr(runtime, "mesh", None) or {}
+    mesh = runtime.mesh.sizes if hasattr(runtime, "mesh") else {}
     pending = PendingSave(Path(directory), step, extra, runtime.strategy.name, mesh, aliases(model), groups)
     chunks = []
     for piece in _pieces(model, optimizer):
@@ -225,7 +225,7 @@ def save(
         pending.wait()
         return pending
     with runtime.checkpoint_guard():  # training goes on while the snapshot is written
-        snapshot = [Piece(p.key, p.shape, p.offsets, p.tensor.detach().clone()) for p in chunks]
+        snapshot = [Piece(p.key, p.shape, p.offsets, p.tensor.detach().clone().contiguous()) for p in chunks]
     pending.thread = threading.Thread(
         target=pending.write, args=(snapshot, ctx.rank, False), name="plait-checkpoint"
     )
@@ -270,7 +270,10 @@ def load(directory: str | os.PathLike, model: torch.nn.Module, optimizer: Any = 
     directory = Path(directory)
     manifest = read_manifest(directory)
     pieces = _pieces(model, optimizer)
-    tensors = manifest["tensors"]
+    tensors = dict(manifest["tensors"])
+    for alias, name in manifest.get("aliases", {}).items():  # a tied weight saved once, found by either name
+        for key in [k for k in tensors if k.split("/")[1:2] == [name]]:
+            tensors.setdefault(key.replace(f"/{name}", f"/{alias}", 1), tensors[key])
     has_state = any(p.key.startswith("optim/") for p in pieces)
     if optimizer is not None and not has_state and any(k.startswith("optim/") for k in tensors):
         raise CheckpointError(

@@ -85,7 +85,11 @@ def _attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store:
     connect (pytorch/pytorch#167288). A prefix per attempt keeps every attempt's keys apart.
     """
     store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
     )
     return dist.PrefixStore(f"plait/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
@@ -138,7 +142,12 @@ def init(backend: str | None = None, timeout_s: float = 600.0, watchdog_s: float
             )
         else:
             dist.init_process_group(
-                backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
+                backend,
+                init_method="env://",
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+                device_id=device_id,
             )
     stats = CommStats()
     algorithms = AlgorithmTable()

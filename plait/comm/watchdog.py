@@ -47,15 +47,15 @@ def _describe(record: OpRecord | None) -> dict | None:
 
 
 def _text(op: dict) -> str:
-    return (
-        f"{op['op']} #{op['seq']} on {op['group']} {op['shape']} {op['dtype']} ({op['mib']:.2f} MiB) at {op['site']}"
-    )
+    return f"{op['op']} #{op['seq']} on {op['group']} {op['shape']} {op['dtype']} ({op['mib']:.2f} MiB) at {op['site']}"
 
 
 class Watchdog:
     """Watches one rank's op log; on a stuck op, gathers every rank's state and fails loudly."""
 
-    def __init__(self, stats: CommStats, rank: int, world_size: int, timeout_s: float, poll_s: float = 1.0) -> None:
+    def __init__(
+        self, stats: CommStats, rank: int, world_size: int, timeout_s: float, poll_s: float = 1.0
+    ) -> None:
         self.stats = stats
         self.rank = rank
         self.world_size = world_size
@@ -114,7 +114,9 @@ class Watchdog:
                 if rank not in states and self.store.check([key]):
                     states[rank] = json.loads(self.store.get(key))
             time.sleep(0.1)  # polling the store for answers; no rank waits on this one
-        lines = [f"plait watchdog: rank {self.rank} waits in {_text(_describe(stuck))} for {self.timeout_s:g} s"]
+        lines = [
+            f"plait watchdog: rank {self.rank} waits in {_text(_describe(stuck))} for {self.timeout_s:g} s"
+        ]
         for rank in range(self.world_size):
             if rank == self.rank:
                 continue
@@ -131,7 +133,11 @@ class Watchdog:
         if pending is not None:
             if pending["group"] == stuck.group and pending["seq"] == stuck.seq:
                 same = pending["op"] == stuck.op and pending["shape"] == list(stuck.shape)
-                verdict = "waiting too: the op matches, so look for a rank missing from the group" if same else "a different op"
+                verdict = (
+                    "waiting too: the op matches, so look for a rank missing from the group"
+                    if same
+                    else "a different op"
+                )
                 return f"in {_text(pending)} ({verdict})"
             return f"in {_text(pending)} (pending {pending['waited']:.0f} s)"
         if done is None:

@@ -202,7 +202,9 @@ class PSRuntime(Runtime):
         if not self.is_worker:
             self.serve()  # a dedicated server: serve until every worker is done, then end the process
         elif self.shard is not None:
-            self._server_thread = threading.Thread(target=self._serve_in_thread, name="plait-ps-server", daemon=True)
+            self._server_thread = threading.Thread(
+                target=self._serve_in_thread, name="plait-ps-server", daemon=True
+            )
             self._server_thread.start()
         on_shutdown(self.leave)
 
@@ -260,7 +262,9 @@ class PSRuntime(Runtime):
         deadline = time.monotonic() + 2 * self.strategy.timeout_s
         while not event.wait(0.5):  # polling the server thread's verdict; no rank waits on this
             if self._failure is not None or time.monotonic() > deadline:
-                why = self._failure or f"no reply from the local shard within {2 * self.strategy.timeout_s:g}s"
+                why = (
+                    self._failure or f"no reply from the local shard within {2 * self.strategy.timeout_s:g}s"
+                )
                 raise RuntimeError(f"parameter server rank {self.rank}: {why}")
 
     def _wait(self, handle, who: str) -> None:
@@ -305,7 +309,11 @@ class PSRuntime(Runtime):
                 arrived, error = False, e
             if not arrived:
                 silent = min(remote, key=last_heard.get)
-                self._abort(remote, silent, f"no push from worker rank {silent} in {self.strategy.timeout_s:g}s ({error})")
+                self._abort(
+                    remote,
+                    silent,
+                    f"no push from worker rank {silent} in {self.strategy.timeout_s:g}s ({error})",
+                )
             worker = handle.source()
             last_heard[worker] = time.monotonic()
             version = message[size].item()
@@ -341,7 +349,9 @@ class PSRuntime(Runtime):
             message = torch.zeros(self.bounds[index + 1] - self.bounds[index] + 1)
             message[0], message[-1] = lost, ABORT
             with contextlib.suppress(RuntimeError):  # that worker may be gone too
-                self.ps.send(message, worker, async_op=True, tag=REPLY).wait(timeout_s=self.strategy.timeout_s)
+                self.ps.send(message, worker, async_op=True, tag=REPLY).wait(
+                    timeout_s=self.strategy.timeout_s
+                )
         self._failure = why
         raise RuntimeError(f"parameter server rank {self.rank}: {why}")
 

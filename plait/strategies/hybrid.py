@@ -39,6 +39,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from plait.checkpoint.format import Piece
+from plait.checkpoint.pieces import aliases
 from plait.comm import Context, Group
 from plait.errors import ConfigError, divisors
 from plait.strategies.base import LossFunction, Runtime, Strategy, token_cross_entropy
@@ -70,6 +72,11 @@ class Mesh:
         """This rank's index along each axis."""
         self.groups = {axis: ctx.split(self.lines(axis), axis) for axis in AXES}
         """The group of ranks that differ from this one along each axis only (collective to build)."""
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The number of ranks along each axis, e.g. ``{"dp": 2, "pp": 1, "tp": 2}``."""
+        return dict(zip(AXES, self.grid.shape))
 
     def lines(self, axis: str) -> list[list[int]]:
         """Every line of the grid along ``axis``: the global ranks of each group of that axis."""
@@ -165,6 +172,8 @@ class HybridRuntime(Runtime):
         self.dp_group = mesh.groups["dp"]
         self.shapes = {k: (v.shape, v.dtype) for k, v in module.state_dict().items()}
         """Every key of the whole model's state dict, its shape and dtype (``full_state_dict`` rebuilds them)."""
+        self.aliases = aliases(module)
+        """Tied names -> the first name (a pipeline's last stage knows the embedding only as the head)."""
         replicate_from_rank0(module, [], ctx.world)  # shards and stages are cut from one model
         self.tp = (
             apply_plan(module, resolve_plan(module, strategy.plan), mesh.groups["tp"])
@@ -299,6 +308,66 @@ class HybridRuntime(Runtime):
             state = self.pipeline.gather_state(state, self.shapes)
         return {k: state[k] for k in self.shapes}
 
+    def checkpoint_pieces(self, optimizer: Any) -> list[Piece]:
+        """The pieces of the data-parallel runtime, translated to the whole model's names and shapes.
+
+        A tensor-parallel shard becomes the boxes of the whole parameter it holds (``parts`` of them
+        for a fused q|k|v); a replicated copy is written by its holders in turn; a tied parameter only
+        by the stage that holds it first. ZeRO shards are the same on every tp rank of a replicated
+        parameter, so only tp rank 0 writes those.
+        """
+        inner = (
+            self.data_parallel.checkpoint_pieces(optimizer)
+            if self.data_parallel
+            else super().checkpoint_pieces(optimizer)
+        )
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        coords, mesh = self.mesh.coords, self.strategy
+        out = []
+        for piece in inner:
+            kind, name, *state = piece.key.split("/", 2)
+            canonical = self.aliases.get(name, name)
+            key = "/".join([kind, canonical, *state])
+            split = (
+                self.tp.splits.get(params.get(name))
+                if self.tp is not None and kind in ("model", "optim")
+                else None
+            )
+            save = piece.save and (canonical == name or self.pipeline is None)
+            if piece.replicated:
+                index, count = (
+                    (coords["dp"], mesh.dp)
+                    if split
+                    else (coords["dp"] * mesh.tp + coords["tp"], mesh.dp * mesh.tp)
+                )
+                share = (index, count)
+            else:
+                share, save = (
+                    None,
+                    save and (split is not None or coords["tp"] == 0 or not piece.tensor.dim()),
+                )
+            if split is None or not piece.tensor.dim():
+                out.append(
+                    Piece(
+                        key,
+                        piece.shape,
+                        piece.offsets,
+                        piece.tensor,
+                        piece.replicated,
+                        save,
+                        piece.required,
+                        share=share,
+                    )
+                )
+                continue
+            dim, parts = split
+            out += tp_boxes(key, piece, dim, parts, coords["tp"], mesh.tp, save, share)
+        return out
+
+    def after_checkpoint_load(self) -> None:
+        if self.data_parallel is not None:
+            self.data_parallel.after_checkpoint_load()
+
     def metrics(self) -> dict[str, Any]:
         if self.pipeline is None:
             return {}
@@ -316,3 +385,32 @@ class HybridRuntime(Runtime):
     def theory_bytes_per_step(self) -> int:
         """The data-parallel axis's bytes (tensor and pipeline traffic depend on the batch, not counted)."""
         return self.data_parallel.theory_bytes_per_step() if self.data_parallel else 0
+
+
+def tp_boxes(
+    key: str, piece: Piece, dim: int, parts: int, rank: int, size: int, save: bool, share: tuple | None
+) -> list[Piece]:
+    """A piece of a tensor-parallel shard as boxes of the whole tensor (see ``shard_tensor``).
+
+    Along ``dim`` the whole tensor is ``parts`` equal parts, each cut into ``size`` slices; the shard
+    is slice ``rank`` of every part, in order. Other dimensions keep their offsets.
+    """
+    slice_len = piece.shape[dim] // parts
+    whole = list(piece.shape)
+    whole[dim] = piece.shape[dim] * size
+    start, length = piece.offsets[dim], piece.lengths[dim]
+    boxes, done = [], 0
+    while done < length:
+        local = start + done
+        part, within = divmod(local, slice_len)
+        n = min(slice_len - within, length - done)
+        offsets = list(piece.offsets)
+        offsets[dim] = part * slice_len * size + rank * slice_len + within
+        tensor = piece.tensor.narrow(dim, done, n)
+        boxes.append(
+            Piece(
+                key, tuple(whole), tuple(offsets), tensor, piece.replicated, save, piece.required, share=share
+            )
+        )
+        done += n
+    return boxes

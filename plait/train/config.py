@@ -146,7 +146,9 @@ class TrainConfig:
                 f"save_every={self.save_every} must be >= 0 and keep_checkpoints={self.keep_checkpoints} >= 1"
             )
         if self.slow_factor < 1:
-            raise ConfigError(f"slow_factor={self.slow_factor} must be >= 1 (a straggler is slower, not faster)")
+            raise ConfigError(
+                f"slow_factor={self.slow_factor} must be >= 1 (a straggler is slower, not faster)"
+            )
         if self.mem_cap_gb is not None and self.mem_cap_gb <= 0:
             raise ConfigError(f"mem_cap_gb={self.mem_cap_gb} must be > 0")
         if self.batch_size % self.micro_batch:

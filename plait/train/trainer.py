@@ -86,9 +86,13 @@ def _strategy(config: RunConfig) -> plait.Strategy:
             f"mixed_precision={train.mixed_precision!r} needs strategy ddp or zero1/2/3, not {train.strategy!r}"
         )
     if train.strategy == "ddp":
-        return DDP(bucket_mb=train.bucket_mb, grad_dtype=train.grad_dtype, mixed_precision=train.mixed_precision)
+        return DDP(
+            bucket_mb=train.bucket_mb, grad_dtype=train.grad_dtype, mixed_precision=train.mixed_precision
+        )
     if train.strategy in ("zero1", "zero2", "zero3"):
-        return Zero(stage=int(train.strategy[-1]), bucket_mb=train.bucket_mb, mixed_precision=train.mixed_precision)
+        return Zero(
+            stage=int(train.strategy[-1]), bucket_mb=train.bucket_mb, mixed_precision=train.mixed_precision
+        )
     if train.strategy == "async":
         return AsyncPS(staleness=train.staleness, servers=train.servers)
     if train.strategy == "local-sgd":
@@ -121,7 +125,9 @@ class Trainer:
         self.config = config
         self.ctx = ctx or plait.init()
         train = config.train
-        overrides = {k: v for k, v in dataclasses.asdict(config.model).items() if k != "model" and v is not None}
+        overrides = {
+            k: v for k, v in dataclasses.asdict(config.model).items() if k != "model" and v is not None
+        }
         self.model_config = preset(config.model.model, **overrides)
         self.train_tokens, self.val_tokens = self._load_data()
 
@@ -150,7 +156,12 @@ class Trainer:
             )
         self.accumulate = train.batch_size // per_step
         self.sampler = BatchSampler(
-            self.train_tokens, self.model_config.block_size, train.batch_size, self.rank, self.ranks, train.seed
+            self.train_tokens,
+            self.model_config.block_size,
+            train.batch_size,
+            self.rank,
+            self.ranks,
+            train.seed,
         )
         self.checkpoints = Path(train.run_dir, "checkpoints")
         self.resumed_from = self._resume()
@@ -171,7 +182,9 @@ class Trainer:
         train = self.config.train
         extra = {"sampler": self.sampler.state_dict()}
         directory = self.checkpoints / f"step_{step:06d}"
-        checkpoint.save(directory, self.model, self.optimizer, step=step, extra=extra, blocking=not train.async_checkpoint)
+        checkpoint.save(
+            directory, self.model, self.optimizer, step=step, extra=extra, blocking=not train.async_checkpoint
+        )
         if self.ctx.rank == 0:
             complete = sorted(p for p in self.checkpoints.glob("step_*") if (p / "manifest.json").exists())
             for old in complete[: -train.keep_checkpoints]:

@@ -205,3 +205,43 @@ class BucketPool:
             handle.wait()
         self._in_flight = []
         self.buffers.clear()
+
+
+class TransientGradients:
+    """Gradients collected bucket by bucket into pooled buffers, reduced and dropped (ZeRO-2 and -3).
+
+    ``collect`` copies a parameter's fresh gradient into its bucket's buffer and drops ``param.grad``;
+    ``reduce`` reduce-scatters a complete bucket into the master shard and returns its buffer to the
+    pool once the reduction is done. Only the gradient shard outlives backward.
+    """
+
+    def __init__(self, shards: ShardedMaster) -> None:
+        self.shards = shards
+        self.pool = BucketPool()
+        self._filling: dict[int, torch.Tensor] = {}
+
+    def _slot(self, flat: FlatBuffer, b: int, i: int) -> torch.Tensor:
+        if b not in self._filling:
+            buffer = self.pool.take(flat.data.numel(), flat.data.dtype, flat.data.device)
+            buffer[flat.numel :].zero_()  # padding contributes zeros
+            self._filling[b] = buffer
+        return self._filling[b][flat.offsets[i] : flat.offsets[i] + flat.numels[i]]
+
+    def collect(self, flat: FlatBuffer, b: int, i: int) -> None:
+        param = flat.params[i]
+        self._slot(flat, b, i).copy_(param.grad.reshape(-1))
+        param.grad = None
+
+    def collect_unused(self, flat: FlatBuffer, b: int, i: int) -> None:
+        """No gradient this backward: zero, or what accumulated under ``no_sync`` before."""
+        param = flat.params[i]
+        slot = self._slot(flat, b, i)
+        if param.grad is None:
+            slot.zero_()
+        else:
+            slot.copy_(param.grad.reshape(-1))
+            param.grad = None
+
+    def reduce(self, b: int) -> Handle:
+        buffer = self._filling.pop(b)
+        return self.pool.release_after(self.shards.reduce_scatter(b, buffer), buffer)

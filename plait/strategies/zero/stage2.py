@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from plait.comm import Handle
-from plait.strategies.zero.sharding import BucketPool
+from plait.strategies.zero.sharding import BucketPool, TransientGradients
 from plait.strategies.zero.stage1 import Stage1Runtime
 
 
@@ -28,38 +28,17 @@ class Stage2Runtime(Stage1Runtime):
     keeps_gradient_buffer = False
 
     def __init__(self, *args, **kwargs) -> None:
-        self.pool = BucketPool()
-        self._filling: dict[int, torch.Tensor] = {}
         super().__init__(*args, **kwargs)
-
-    def _bucket(self, b: int) -> torch.Tensor:
-        """Bucket ``b``'s gradient buffer for this backward (from the pool; its padding zeroed)."""
-        if b not in self._filling:
-            flat = self.buckets[b]
-            buffer = self.pool.take(flat.data.numel(), flat.data.dtype, flat.data.device)
-            buffer[flat.numel :].zero_()
-            self._filling[b] = buffer
-        return self._filling[b]
+        self.transient = TransientGradients(self.shards)
 
     def _collect(self, b: int, i: int) -> None:
-        flat = self.buckets[b]
-        param = flat.params[i]
-        self._bucket(b)[flat.offsets[i] : flat.offsets[i] + flat.numels[i]].copy_(param.grad.reshape(-1))
-        param.grad = None
+        self.transient.collect(self.buckets[b], b, i)
 
     def _collect_unused(self, b: int, i: int) -> None:
-        flat = self.buckets[b]
-        param = flat.params[i]
-        slot = self._bucket(b)[flat.offsets[i] : flat.offsets[i] + flat.numels[i]]
-        if param.grad is None:
-            slot.zero_()
-        else:  # accumulated under no_sync, unused in the last micro-step
-            slot.copy_(param.grad.reshape(-1))
-            param.grad = None
+        self.transient.collect_unused(self.buckets[b], b, i)
 
     def _launch(self, b: int) -> Handle:
-        buffer = self._filling.pop(b)
-        return self.pool.release_after(self.shards.reduce_scatter(b, buffer), buffer)
+        return self.transient.reduce(b)
 
     def _release_model_gradients(self) -> None:
         """Each gradient was dropped as soon as its bucket copied it.
@@ -70,4 +49,8 @@ class Stage2Runtime(Stage1Runtime):
         """
 
     def gradient_tensors(self) -> list[torch.Tensor]:
-        return self.pool.tensors()
+        return self.transient.pool.tensors()
+
+    @property
+    def pool(self) -> BucketPool:
+        return self.transient.pool

@@ -40,7 +40,7 @@ from plait.strategies.base import Runtime, Strategy, flat_names, group_ordered, 
 from plait.strategies.bucketing import GradientBuckets
 from plait.strategies.ddp import replicate_from_rank0
 from plait.strategies.master import flat_segments, scale_output_gradients
-from plait.strategies.zero.sharding import BucketPool, ShardedMaster, clip_sharded_grads_
+from plait.strategies.zero.sharding import ShardedMaster, TransientGradients, clip_sharded_grads_
 
 
 def default_unit_modules(model: nn.Module) -> list[nn.Module]:
@@ -119,8 +119,7 @@ class Stage3Runtime(Runtime):
             scale_output_gradients(module, self.master.loss_scaler)
         trainable = [u.trainable for u in self.units if u.trainable is not None]
         self._unit_of_bucket = [u for u in self.units if u.trainable is not None]
-        self.pool = BucketPool()
-        self._filling: dict[int, torch.Tensor] = {}
+        self.transient = TransientGradients(self.shards)
         self.schedule = GradientBuckets(
             trainable,
             {(b, i): b for b, flat in enumerate(trainable) for i in range(len(flat.params))},
@@ -260,34 +259,20 @@ class Stage3Runtime(Runtime):
 
     # -- gradients --------------------------------------------------------------------------------
 
-    def _bucket(self, b: int) -> torch.Tensor:
-        if b not in self._filling:
-            flat = self._unit_of_bucket[b].trainable
-            buffer = self.pool.take(flat.data.numel(), flat.data.dtype, flat.data.device)
-            buffer[flat.numel :].zero_()
-            self._filling[b] = buffer
-        return self._filling[b]
-
     def _collect(self, b: int, i: int) -> None:
-        flat = self._unit_of_bucket[b].trainable
-        param = flat.params[i]
-        self._bucket(b)[flat.offsets[i] : flat.offsets[i] + flat.numels[i]].copy_(param.grad.reshape(-1))
-        param.grad = None
+        self.transient.collect(self._unit_of_bucket[b].trainable, b, i)
 
     def _collect_unused(self, b: int, i: int) -> None:
-        flat = self._unit_of_bucket[b].trainable
-        self._bucket(b)[flat.offsets[i] : flat.offsets[i] + flat.numels[i]].zero_()
+        self.transient.collect_unused(self._unit_of_bucket[b].trainable, b, i)
 
     def _launch(self, b: int) -> Handle:
-        unit = self._unit_of_bucket[b]
-        unit.reshard()  # its backward is over: every gradient of the unit is in the bucket
-        buffer = self._filling.pop(b)
-        return self.pool.release_after(self.shards.reduce_scatter(b, buffer), buffer)
+        self._unit_of_bucket[b].reshard()  # its backward is over: every gradient of the unit is in the bucket
+        return self.transient.reduce(b)
 
     def _synced(self) -> None:
         for unit in self.units:
             unit.reshard()
-        self.pool.clear()
+        self.transient.pool.clear()
         self.group.release_scratch()  # between steps stage 3 keeps only its shards
         self.shards.backward_done()
         self.master.attach_grads()
@@ -362,4 +347,4 @@ class Stage3Runtime(Runtime):
         ]
 
     def gradient_tensors(self) -> list[torch.Tensor]:
-        return self.pool.tensors()
+        return self.transient.pool.tensors()
