@@ -40,6 +40,9 @@ def run(name: str, args: argparse.Namespace, slow: bool, out: Path) -> list[dict
     ]  # fmt: skip
     if slow:
         cmd += ["--slow-rank", str(args.nproc - 1), "--slow-factor", "2"]
+    if args.reuse and finished(run_dir, args):
+        print(f"  {name}{' (slow rank)' if slow else ''}: reusing {run_dir}", flush=True)
+        return evals_of(run_dir)
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -48,13 +51,24 @@ def run(name: str, args: argparse.Namespace, slow: bool, out: Path) -> list[dict
             flush=True,
         )
         return []
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["kind"] == "eval" and r["rank"] == 0]
+    evals = evals_of(run_dir)
     print(
         f"  {name}{' (slow rank)' if slow else ''}: {time.perf_counter() - start:.0f} s, final val {evals[-1]['val_loss']:.3f}",
         flush=True,
     )
     return evals
+
+
+def evals_of(run_dir: Path) -> list[dict]:
+    """Rank 0's evaluations in the run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "eval" and r["rank"] == 0]
+
+
+def finished(run_dir: Path, args: argparse.Namespace) -> bool:
+    """Whether an earlier job in ``run_dir`` ran to its last step (its final evaluation is there)."""
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and any(r["step"] == args.steps - 1 for r in evals_of(run_dir))
 
 
 def reached(evals: list[dict], target: float) -> tuple[float, int] | None:
@@ -75,6 +89,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=2.6)
     parser.add_argument("--out", default="runs/async_bench")
     parser.add_argument("--plot", default="docs/async_comparison.png")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the results of runs in --out that already finished"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     print(
