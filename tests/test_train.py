@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,9 @@ def test_memory_cap_stops_ddp_and_zero3_fits_under_it(tmp_path):
     zero3 = _train_cli(tmp_path, "--nproc", "4", "--strategy", "zero3", "--mem-cap-gb", "0.008")
     assert zero3.returncode == 0, zero3.stderr[-2000:]
     assert "zero3 on 4 rank(s)" in zero3.stdout
+    held = re.search(r"([0-9.]+) GB \(--mem-cap-gb 0.008\)", zero3.stdout)
+    assert held is not None, zero3.stdout
+    assert 0.002 < float(held.group(1)) < 0.008  # about a quarter of ddp's 0.013 GB, plus padding
 
 
 def test_estimate_reproduces_the_papers_figure_1():

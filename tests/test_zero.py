@@ -95,13 +95,14 @@ def test_memory_report_fractions_at_four_ranks():
         # stage 1 keeps ddp's full gradient buffer, and the master's gradient shard
         assert m1.parameters == full.parameters
         assert m1.gradients == pytest.approx(full.gradients * 1.25, rel=0.02)
-        # between steps stage 2 holds its gradient shard and at most two idle bucket buffers (<= 16.5 KiB here)
-        assert full.gradients / 4 <= m2.gradients <= full.gradients / 4 + 2 * 16.5 * 1024
+        # between steps stage 2 holds its gradient shard, and at most two idle bucket buffers (<= 16.5 KiB here)
+        assert m2.gradients == pytest.approx(full.gradients / 4, rel=0.02)
+        assert 0 < m2.buffers <= 2 * 16.5 * 1024 and m1.buffers == full.buffers == 0
         # during backward: a few bucket buffers at once (the largest parameter is 16 KiB), never a full buffer
         assert zero2[rank]["bucket_peak_bytes"] <= 3 * 16.5 * 1024 < full.gradients / 2
         assert m3.parameters == pytest.approx(full.parameters / 4, rel=0.02)
         assert m3.optimizer_state == pytest.approx(full.optimizer_state / 4, rel=0.02)
-        assert m3.gradients == 0  # stage 3 frees even the shard after the step
+        assert m3.gradients == m3.buffers == 0  # stage 3 frees even the shard and the buckets after the step
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,8 @@ class MemoryReport:
     gradients: int
     optimizer_state: int
     master: int
+    buffers: int
+    """Communication buffers kept between steps (idle bucket buffers): residual state, not a model state."""
     peak_process: int
 
     @property
@@ -40,9 +42,13 @@ class MemoryReport:
 def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
     """Count the storage of the tensors actually alive, each storage once, in the first role that holds it.
 
+    ``model_states`` (what ZeRO shards) sums the first four roles; ``buffers`` is reported beside them.
+
     Roles, in order: parameters (what the model computes with: under zero3 this rank's shards and any
     unit gathered right now), gradients (flat buffers, shards, buckets in the pool), optimizer state
-    (``optimizer.state``), master (an fp32 copy the optimizer steps on, where it is not the parameters).
+    (``optimizer.state``), master (an fp32 copy the optimizer steps on, where it is not the parameters),
+    buffers (bucket buffers a strategy keeps idle for the next backward: the ZeRO paper's "temporary
+    buffers", a residual state whose size follows ``bucket_mb``, not the model).
     """
     if isinstance(model, PlaitModule):
         tensors = model.plait_runtime.memory_tensors()
@@ -50,8 +56,6 @@ def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
         tensors = {
             "parameters": list(model.parameters()),
             "gradients": [p.grad for p in model.parameters() if p.grad is not None],
-            "optimizer_state": [],
-            "master": [],
         }
     if optimizer is not None:
         tensors["optimizer_state"] = [
@@ -59,7 +63,7 @@ def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
         ]
     seen: set[int] = set()
     sizes = {}
-    for role in ("parameters", "gradients", "optimizer_state", "master"):
+    for role in ("parameters", "gradients", "optimizer_state", "master", "buffers"):
         total = 0
         for t in tensors.get(role, []):
             storage = t.untyped_storage()

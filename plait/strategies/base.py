@@ -125,8 +125,9 @@ class Runtime:
             "parameters": params + self.parameter_tensors(),
             "gradients": [p.grad for p in params if p.grad is not None]
             + self.gradient_tensors()
-            + ([master.grad] if master is not None else []),
+            + ([master.grad] if master is not None and master.grad is not None else []),
             "master": [master.data] if master is not None else [],
+            "buffers": self.buffer_tensors(),
         }
 
     def parameter_tensors(self) -> list[torch.Tensor]:
@@ -134,7 +135,11 @@ class Runtime:
         return []
 
     def gradient_tensors(self) -> list[torch.Tensor]:
-        """Gradient storage beyond the parameters' ``.grad`` (flat buffers, shards, bucket pools)."""
+        """Gradient storage beyond the parameters' ``.grad`` (flat buffers, shards)."""
+        return []
+
+    def buffer_tensors(self) -> list[torch.Tensor]:
+        """Communication buffers kept alive between steps (idle bucket buffers of ZeRO-2/3)."""
         return []
 
 

@@ -41,6 +41,11 @@ def print_summary(summary: Summary, run_dir: str) -> None:
     table.add_row("step time (median)", f"{summary.step_time_s * 1000:,.1f} ms")
     for rank, peak in enumerate(summary.peak_memory_bytes):
         table.add_row(f"peak memory rank {rank}", _mib(peak))
+    if summary.model_state_bytes is not None:
+        table.add_row(
+            "model states, largest rank (cap)",
+            f"{summary.model_state_bytes / 1e9:.3f} GB (--mem-cap-gb {summary.mem_cap_gb:g})",
+        )
     table.add_row("bytes sent / rank / step", _mib(summary.bytes_per_step))
     ratio = (
         summary.bytes_per_step / summary.theory_bytes_per_step

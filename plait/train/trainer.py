@@ -59,6 +59,9 @@ class Summary:
     comm_seconds_per_step: float
     strategy_metrics: dict
     """This rank's (rank 0's) strategy-specific figures: staleness histogram, pushes, synchronizations."""
+    model_state_bytes: float | None = None
+    """The largest rank's model states (live tensors) after the first step, when a memory cap is set."""
+    mem_cap_gb: float | None = None
 
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
@@ -102,13 +105,13 @@ def _strategy(config: RunConfig) -> plait.Strategy:
 
 def check_memory_cap(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, cap_gb: float, strategy: str, ctx: Context
-) -> None:
-    """Raise MemoryCapExceeded on every rank when any rank's model states (live tensors) exceed ``cap_gb``."""
+) -> float:
+    """The largest rank's model-state bytes (live tensors); MemoryCapExceeded on every rank over ``cap_gb``."""
     report = memory_report(model, optimizer)
     largest = torch.tensor([float(report.model_states)])
     ctx.world.all_reduce(largest, op="max")  # every rank decides alike, so none is left waiting
     if largest.item() <= cap_gb * 1e9:
-        return
+        return largest.item()
     raise MemoryCapExceeded(
         f"out of memory: rank {ctx.rank} holds {report.model_states / 1e9:.3f} GB of model states (parameters "
         f"{report.parameters / 1e9:.3f}, gradients {report.gradients / 1e9:.3f}, optimizer state "
@@ -287,13 +290,16 @@ class Trainer:
         """Train for ``steps`` steps, evaluating every ``eval_every``; return (and on rank 0 print) the summary."""
         train = self.config.train
         records, evals = [], []
+        self.model_state_bytes: float | None = None
         progress = _Progress(train.steps) if self.ctx.rank == 0 and train.progress else None
         started = time.perf_counter()
         try:
             for step in range(self.sampler.step, train.steps):
                 record = self.train_step(step)
                 if train.mem_cap_gb is not None and not records:  # everything is allocated after one step
-                    check_memory_cap(self.model, self.optimizer, train.mem_cap_gb, train.strategy, self.ctx)
+                    self.model_state_bytes = check_memory_cap(
+                        self.model, self.optimizer, train.mem_cap_gb, train.strategy, self.ctx
+                    )
                 record["peak_memory"] = peak_memory_bytes(self.ctx.device)
                 self.log.write("step", step=step, time=time.perf_counter() - started, **record)
                 records.append(record)
@@ -348,6 +354,8 @@ class Trainer:
             theory=self.model.plait_runtime.theory,
             comm_seconds_per_step=statistics.mean(r["comm_seconds"] for r in steady),
             strategy_metrics=self.runtime.metrics(),
+            model_state_bytes=self.model_state_bytes,
+            mem_cap_gb=self.config.train.mem_cap_gb,
         )
 
 

@@ -172,8 +172,9 @@ class BucketPool:
     A buffer goes back to the pool when its reduce-scatter completes and serves any later bucket
     that fits in it. Taking a buffer first collects completed reductions; if none fits and
     ``limit`` buckets are still in flight, it waits for the oldest. Gradient memory during backward
-    therefore stays at about ``limit`` + 1 buckets, however large the model; after backward the
-    buffers are released (``clear``).
+    therefore stays at about ``limit`` + 1 buckets, however large the model. After backward stage 2
+    keeps up to ``limit`` idle buffers for the next step (fresh ones would cost page faults); stage 3,
+    which keeps memory lowest, releases them (``clear``).
     """
 
     def __init__(self, limit: int = 2) -> None:

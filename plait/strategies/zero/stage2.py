@@ -49,6 +49,9 @@ class Stage2Runtime(Stage1Runtime):
         """
 
     def gradient_tensors(self) -> list[torch.Tensor]:
+        return []  # no full-size buffer: the gradient shard is the master's
+
+    def buffer_tensors(self) -> list[torch.Tensor]:
         return self.transient.pool.tensors()
 
     @property

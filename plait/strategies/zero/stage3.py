@@ -346,5 +346,5 @@ class Stage3Runtime(Runtime):
             flat.data for unit in self.units for flat in unit.buffers
         ]
 
-    def gradient_tensors(self) -> list[torch.Tensor]:
+    def buffer_tensors(self) -> list[torch.Tensor]:
         return self.transient.pool.tensors()
