@@ -79,28 +79,44 @@ def test_mesh_puts_tp_fastest_then_pp_then_dp():
         assert layout["dp"] == (rank // 4, 2)
 
 
-def _clipped_norm(strategy: plait.Strategy | None) -> float:
-    """The gradient norm of the first step's global batch, as clip_grad_norm_ reports it."""
+def _clipped_norm(strategy: plait.Strategy | None) -> tuple[float, float]:
+    """The gradient norm of the first step's global batch as clip_grad_norm_ reports it, and the norm
+    after clipping to half of it."""
     x, y = next(global_batches(1))
     if strategy is None:
         model = make_model()
         loss_fn(model, x, y).backward()
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), norm / 2)
+        return norm, torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
     plait.init()
     model, _ = plait.setup(make_model(), strategy, lambda ps: torch.optim.SGD(ps, lr=0.1))
     local = GLOBAL_BATCH // model.dp_size
     mine = slice(model.dp_rank * local, (model.dp_rank + 1) * local)
     model.train_step(x[mine], y[mine])
-    return plait.clip_grad_norm_(model, 1e9).item()
+    norm = plait.clip_grad_norm_(model, 1e9).item()
+    plait.clip_grad_norm_(model, norm / 2)
+    return norm, plait.clip_grad_norm_(model, 1e9).item()
 
 
-def test_clip_grad_norm_counts_each_element_once():
-    """Replicated parameters once across tp, the tied weight once across stages, shards all summed."""
-    expected = _clipped_norm(None)
-    for norm in run_ranks(_clipped_norm, 4, plait.Hybrid(tp=2, pp=2, microbatches=2)):
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        plait.Hybrid(tp=2, pp=2, microbatches=2),
+        plait.Hybrid(dp=2, tp=2),
+        plait.Hybrid(dp=2, tp=2, zero=1),
+        plait.Hybrid(dp=2, pp=2, zero=2, microbatches=2),
+    ],
+    ids=["tp2xpp2", "dp2xtp2", "dp2xtp2-zero1", "dp2xpp2-zero2"],
+)
+def test_clip_grad_norm_counts_each_element_once(strategy):
+    """Replicated parameters once across tp, the tied weight once across stages, tp and ZeRO shards
+    all summed; clipping to half the norm halves it."""
+    expected, halved = _clipped_norm(None)
+    assert_close(halved, expected / 2, rtol=1e-5, atol=0)
+    for norm, after in run_ranks(_clipped_norm, 4, strategy):
         assert_close(norm, expected, rtol=1e-5, atol=0)
-    for norm in run_ranks(_clipped_norm, 4, plait.Hybrid(dp=2, tp=2)):
-        assert_close(norm, expected, rtol=1e-5, atol=0)
+        assert_close(after, halved, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize(

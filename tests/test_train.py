@@ -100,6 +100,7 @@ def test_config_round_trips_through_toml(tmp_path):
         ({"train": {"stepz": 3}}, "no field"),
         ({"trainer": {}}, "unknown config section"),
         ({"data": {"data": "imagenet"}}, "data='imagenet'"),
+        ({"train": {"strategy": "zero2", "tp": 2}}, "tp=2 needs strategy tp, pp or hybrid, not 'zero2'"),
     ],
 )
 def test_bad_config_is_a_clear_error(values, fragment):
@@ -133,6 +134,41 @@ def test_trainer_under_zero_matches_single_process(strategy, tmp_path):
     values["train"]["strategy"] = strategy
     for losses in run_ranks(_fit, 2, values, str(tmp_path / strategy)):
         assert_close(losses, one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("world", "train"),
+    [
+        (2, {"strategy": "tp"}),
+        (2, {"strategy": "pp", "schedule": "gpipe"}),
+        (4, {"strategy": "hybrid", "tp": 2, "pp": 2}),
+        (4, {"strategy": "hybrid", "pp": 2, "zero": 1}),
+    ],
+    ids=["tp2", "pp2-gpipe", "tp2xpp2", "dp2xpp2-zero1"],
+)
+def test_trainer_on_a_mesh_matches_single_process(world, train, tmp_path):
+    """plait train --strategy tp|pp|hybrid: the pipeline runs the trainer's micro-batches, clipping
+    counts every element once, and the losses are the single-process run's."""
+    one = run_ranks(_fit, 1, SMALL, str(tmp_path / "one"))[0]
+    values = {k: dict(v) for k, v in SMALL.items()}
+    values["train"] |= train
+    for losses in run_ranks(_fit, world, values, str(tmp_path / "mesh"), timeout=180):
+        assert_close(losses, one, rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_needs_as_many_micro_batches_as_stages():
+    from plait.train.trainer import _mesh
+
+    train = build({"train": {"strategy": "pp", "pp": 4, "batch_size": 8, "micro_batch": 4}}).train
+    with pytest.raises(
+        plait.ConfigError, match=r"pp=4 stages need at least 4 micro-batches.*micro_batch in \{1, 2\}"
+    ):
+        _mesh(train, 4)
+    with pytest.raises(plait.ConfigError, match=r"tp x pp = 1 x 4 must divide the world size 6"):
+        _mesh(train, 6)
+    assert _mesh(build({"train": {"strategy": "pp", "micro_batch": 2}}).train, 4) == plait.Hybrid(
+        dp=2, pp=2, microbatches=8
+    )
 
 
 def _train_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:

@@ -24,9 +24,9 @@ synchronized backward of zero loss fires every parameter's hook, so DDP or ZeRO 
 accumulated gradients exactly as after an ordinary backward.
 
 Setup broadcasts rank 0's whole model over the world once (one message per dtype), so every rank
-cuts its shards and stage from the same values. Not supported here: mixed precision, ZeRO-3,
-``clip_grad_norm_`` with zero > 0; dropout inside tensor-parallel layers draws from each rank's own
-generator (seed every rank alike, as for any replicated computation).
+cuts its shards and stage from the same values. Not supported here: mixed precision, ZeRO-3.
+Dropout inside tensor-parallel layers draws from each rank's own generator (seed every rank
+alike, as for any replicated computation).
 """
 
 from __future__ import annotations
@@ -198,8 +198,12 @@ class HybridRuntime(Runtime):
         self.data_parallel = self._data_parallel(strategy, ctx) if strategy.dp > 1 else None
         if self.data_parallel is not None:
             self.optimizer = self.data_parallel.optimizer
-            self.theory = f"dp axis: {self.data_parallel.theory}"
+            self.theory = f"dp axis: {self.data_parallel.theory} (tp, pp traffic not counted)"
+        else:
+            self.theory = "tp and pp traffic follows the activations (no data-parallel theory)"
         self._sync = True
+        self._first_holder: dict | None = None
+        self._clip_mask: torch.Tensor | None = None
 
     def _data_parallel(self, strategy: Hybrid, ctx: Context) -> Runtime:
         """DDP or ZeRO-1/2 over this rank's parameters on the dp group."""
@@ -264,28 +268,23 @@ class HybridRuntime(Runtime):
         """Clip by the norm of the whole model's gradient: each element counted once across the mesh.
 
         Sums of squares of this rank's shards (a replicated parameter on tp rank 0 only, a tied one on
-        its first stage only), one all-reduce on the tp group and one on the pp group.
+        its first stage only), all-reduced over the tp and pp groups, and over dp where ZeRO shards
+        the gradients (its master gradient shard, weighted by a mask of the counted elements).
         """
         if self.data_parallel is not None and self.strategy.zero:
-            raise ConfigError("clip_grad_norm_ under Hybrid(zero=1|2) is not supported; use zero=0")
-        first_holder = (
-            {p: stages[0] for stages, ps in self.pipeline.stage.tied.items() for p in ps}
-            if self.pipeline
-            else {}
-        )
-        stage = self.mesh.coords["pp"]
-        grads, counted = [], []
-        for p in self.module.parameters():
-            if p.grad is None:
-                continue
-            grads.append(p.grad)
-            split = self.tp is not None and p in self.tp.splits
-            if (split or self.mesh.coords["tp"] == 0) and first_holder.get(p, stage) == stage:
-                counted.append(p.grad)
-        squares = sum(
-            (torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in counted), torch.zeros(())
-        )
-        squares = squares.reshape(1)
+            master = self.data_parallel.master
+            master.unscale()
+            if self._clip_mask is None:
+                self._clip_mask = self._counted_mask(self.data_parallel.shards.segments(), master.grad)
+            grads = [master.grad]
+            squares = (master.grad.float().square() * self._clip_mask).sum().reshape(1)
+            self.dp_group.all_reduce(squares)
+        else:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            counted = [p.grad for p in self.module.parameters() if p.grad is not None and self._counted(p)]
+            squares = sum(
+                (torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in counted), torch.zeros(())
+            ).reshape(1)
         self.mesh.groups["tp"].all_reduce(squares)
         self.mesh.groups["pp"].all_reduce(squares)
         total = squares[0].sqrt()
@@ -293,6 +292,25 @@ class HybridRuntime(Runtime):
         for g in grads:
             g.mul_(coef.to(g.dtype))
         return total
+
+    def _counted(self, param: nn.Parameter) -> bool:
+        """Whether this rank counts ``param`` in the global norm: a tp shard, or tp rank 0's copy of a
+        replicated parameter, on the first stage that holds it."""
+        if self._first_holder is None:
+            stages_of = self.pipeline.stage.tied.items() if self.pipeline else ()
+            self._first_holder = {p: stages[0] for stages, ps in stages_of for p in ps}
+        split = self.tp is not None and param in self.tp.splits
+        stage = self.mesh.coords["pp"]
+        return (split or self.mesh.coords["tp"] == 0) and self._first_holder.get(param, stage) == stage
+
+    def _counted_mask(self, segments: list, grad: torch.Tensor) -> torch.Tensor:
+        """1 where an element of the ZeRO gradient shard is counted in the norm, 0 elsewhere (padding too)."""
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        mask = torch.zeros_like(grad, dtype=torch.float32)
+        for segment in segments:
+            if self._counted(params[segment.name]):
+                mask[segment.master_lo : segment.master_lo + segment.numel] = 1
+        return mask
 
     # -- Runtime interface ------------------------------------------------------------------------
 

@@ -91,7 +91,7 @@ class TrainConfig:
     micro_batch: int = 8
     """Sequences per rank per forward/backward; batch_size / (micro_batch x ranks) micro-steps accumulate."""
     strategy: str = "ddp"
-    """How to split the work: none, ddp, zero1, zero2, zero3, async or local-sgd."""
+    """How to split the work: none, ddp, zero1, zero2, zero3, async, local-sgd, tp, pp or hybrid."""
     bucket_mb: float = 25.0
     """DDP gradient bucket size in MiB."""
     grad_dtype: str | None = None
@@ -108,6 +108,15 @@ class TrainConfig:
     """local-sgd: "average" (local SGD) or "nesterov" (DiLoCo)."""
     outer_lr: float = 0.7
     """local-sgd with outer=nesterov: DiLoCo's outer learning rate."""
+    tp: int | None = None
+    """tp / hybrid: tensor-parallel ranks per replica (default 2 under tp, 1 under hybrid)."""
+    pp: int | None = None
+    """pp / hybrid: pipeline stages (default 2 under pp, 1 under hybrid). A step's local batch runs
+    through them as batch_size / (data-parallel ranks x micro_batch) micro-batches, at least pp."""
+    schedule: str = "1f1b"
+    """pp / hybrid: the pipeline schedule, "1f1b" or "gpipe"."""
+    zero: int = 0
+    """hybrid: ZeRO stage (0, 1 or 2) within the data-parallel axis, which is the remaining ranks."""
     slow_rank: int | None = None
     """Make this rank a straggler (experiments): its steps take slow_factor times as long."""
     slow_factor: float = 1.0
@@ -149,6 +158,10 @@ class TrainConfig:
             raise ConfigError(
                 f"slow_factor={self.slow_factor} must be >= 1 (a straggler is slower, not faster)"
             )
+        mesh_options = {"tp": self.tp, "pp": self.pp, "zero": self.zero or None}
+        if self.strategy not in ("tp", "pp", "hybrid") and any(v is not None for v in mesh_options.values()):
+            given = ", ".join(f"{k}={v}" for k, v in mesh_options.items() if v is not None)
+            raise ConfigError(f"{given} needs strategy tp, pp or hybrid, not {self.strategy!r}")
         if self.mem_cap_gb is not None and self.mem_cap_gb <= 0:
             raise ConfigError(f"mem_cap_gb={self.mem_cap_gb} must be > 0")
         if self.batch_size % self.micro_batch:

@@ -25,7 +25,10 @@ def _format(value: object) -> str:
 
 def print_summary(summary: Summary, run_dir: str) -> None:
     """Print the run's summary as a table: losses, speed, memory per rank, bytes against theory."""
-    table = Table(title=f"plait train: {summary.strategy} on {summary.world_size} rank(s)", show_header=True)
+    title = f"plait train: {summary.strategy} on {summary.world_size} rank(s)"
+    if summary.mesh:
+        title += " (" + " x ".join(f"{axis} {n}" for axis, n in summary.mesh.items()) + ")"
+    table = Table(title=title, show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("parameters", f"{summary.params:,}")
@@ -54,7 +57,9 @@ def print_summary(summary: Summary, run_dir: str) -> None:
     )
     table.add_row(
         f"theory: {summary.theory}",
-        f"{_mib(summary.theory_bytes_per_step)} (sent x{ratio:.3f})",
+        f"{_mib(summary.theory_bytes_per_step)} (sent x{ratio:.3f})"
+        if summary.theory_bytes_per_step
+        else "-",
     )
     table.add_row("time in communication / step", f"{summary.comm_seconds_per_step * 1000:,.1f} ms")
     for name, value in summary.strategy_metrics.items():

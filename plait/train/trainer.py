@@ -32,7 +32,7 @@ from plait.data import BatchSampler, eval_batches, load_corpus, split_micro_batc
 from plait.errors import ConfigError, MemoryCapExceeded, divisors
 from plait.metrics import MetricsLog, memory_report, peak_memory_bytes
 from plait.models import GPT, preset
-from plait.strategies import DDP, AsyncPS, LocalSGD, Zero, resolve
+from plait.strategies import DDP, AsyncPS, Hybrid, LocalSGD, Zero, resolve
 from plait.train.config import RunConfig
 from plait.train.report import print_summary
 
@@ -59,6 +59,8 @@ class Summary:
     comm_seconds_per_step: float
     strategy_metrics: dict
     """This rank's (rank 0's) strategy-specific figures: staleness histogram, pushes, synchronizations."""
+    mesh: dict[str, int] | None = None
+    """Ranks along each axis (dp, pp, tp) under tp, pp or hybrid."""
     model_state_bytes: float | None = None
     """The largest rank's model states (live tensors) after the first step, when a memory cap is set."""
     mem_cap_gb: float | None = None
@@ -81,7 +83,7 @@ def adamw_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def _strategy(config: RunConfig) -> plait.Strategy:
+def _strategy(config: RunConfig, world_size: int) -> plait.Strategy:
     """The strategy object ``config.train`` names, with its options."""
     train = config.train
     if train.mixed_precision is not None and train.strategy not in ("ddp", "zero1", "zero2", "zero3"):
@@ -100,7 +102,45 @@ def _strategy(config: RunConfig) -> plait.Strategy:
         return AsyncPS(staleness=train.staleness, servers=train.servers)
     if train.strategy == "local-sgd":
         return LocalSGD(period=train.period, outer=train.outer, outer_lr=train.outer_lr)
+    if train.strategy in ("tp", "pp", "hybrid"):
+        return _mesh(train, world_size)
     return resolve(train.strategy)
+
+
+def _mesh(train: Any, world_size: int) -> Hybrid:
+    """tp, pp and hybrid as one mesh: the ranks left over by tp x pp are data parallel.
+
+    A pipeline's micro-batches are the trainer's: batch_size / (dp x micro_batch) of them per step.
+    """
+    tp = train.tp or (2 if train.strategy == "tp" else 1)
+    pp = train.pp or (2 if train.strategy == "pp" else 1)
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"tp x pp = {tp} x {pp} must divide the world size {world_size}; "
+            f"tp x pp in {divisors(world_size)}"
+        )
+    dp = world_size // (tp * pp)
+    per_step = dp * train.micro_batch
+    if pp > 1 and train.batch_size // per_step < pp:
+        local = train.batch_size // dp
+        fits = [str(m) for m in range(1, local + 1) if local % m == 0 and local // m >= pp]
+        raise ConfigError(
+            f"pp={pp} stages need at least {pp} micro-batches per step, but batch_size / (dp x micro_batch) "
+            f"= {train.batch_size} / ({dp} x {train.micro_batch}) gives {train.batch_size // per_step}; "
+            + (
+                f"use a micro_batch in {{{', '.join(fits)}}}"
+                if fits
+                else f"use a batch_size of at least {dp * pp}"
+            )
+        )
+    return Hybrid(
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        zero=train.zero,
+        microbatches=max(1, train.batch_size // per_step) if pp > 1 else None,
+        schedule=train.schedule,
+    )
 
 
 def check_memory_cap(
@@ -140,7 +180,7 @@ class Trainer:
         optim = config.optim
         self.model, self.optimizer = plait.setup(
             model,
-            _strategy(config),
+            _strategy(config, self.ctx.world_size),
             lambda _: plait.optim.AdamW(
                 adamw_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2)
             ),
@@ -158,6 +198,8 @@ class Trainer:
                 f"or a batch_size that is a multiple of {per_step}"
             )
         self.accumulate = train.batch_size // per_step
+        self.pipelined = getattr(self.runtime, "pipeline", None) is not None
+        """A pipeline runs the step's micro-batches through its schedule: one ``train_step`` per step."""
         self.sampler = BatchSampler(
             self.train_tokens,
             self.model_config.block_size,
@@ -219,17 +261,10 @@ class Trainer:
         before = self.ctx.stats.snapshot()
         start = time.perf_counter()
         x, y = self.sampler.next_batch()
-        local_loss = torch.zeros(())
-        for i, (xm, ym) in enumerate(split_micro_batches(x, y, self.accumulate)):
-            last = i == self.accumulate - 1
-            defer = not last and self.model.plait_runtime.supports_no_sync
-            with self.model.no_sync() if defer else contextlib.nullcontext():
-                logits = self.model(xm.to(self.ctx.device))
-                loss = (
-                    F.cross_entropy(logits.flatten(0, 1), ym.to(self.ctx.device).flatten()) / self.accumulate
-                )
-                loss.backward()
-            local_loss += loss.detach().cpu()
+        if self.pipelined:  # the schedule runs the local batch as its micro-batches
+            local_loss = torch.tensor(self.model.train_step(x.to(self.ctx.device), y.to(self.ctx.device)))
+        else:
+            local_loss = self._forward_backward(x, y)
         grad_norm = plait.clip_grad_norm_(self.model, optim.grad_clip) if optim.grad_clip else None
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -251,6 +286,21 @@ class Trainer:
             "comm_seconds": sum(t.seconds for t in comm.values()),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
         }
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradient accumulation over micro-batches, communicating only after the last where it can."""
+        local_loss = torch.zeros(())
+        for i, (xm, ym) in enumerate(split_micro_batches(x, y, self.accumulate)):
+            last = i == self.accumulate - 1
+            defer = not last and self.model.plait_runtime.supports_no_sync
+            with self.model.no_sync() if defer else contextlib.nullcontext():
+                logits = self.model(xm.to(self.ctx.device))
+                loss = (
+                    F.cross_entropy(logits.flatten(0, 1), ym.to(self.ctx.device).flatten()) / self.accumulate
+                )
+                loss.backward()
+            local_loss += loss.detach().cpu()
+        return local_loss
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         """The mean of a scalar over all ranks (a 4-byte all-reduce, made after the step's accounting)."""
@@ -333,12 +383,15 @@ class Trainer:
 
     def _summarize(self, records: list[dict[str, float]], evals: list[float]) -> Summary:
         steady = records[1:] or records  # the first step pays one-time costs (allocation, bucket order)
+        # every rank of a mesh; the training ranks otherwise (a parameter server's servers have left)
+        group = self.ctx.world if hasattr(self.runtime, "mesh") else self.group
         peak = torch.tensor([float(peak_memory_bytes(self.ctx.device))])
-        peaks = torch.zeros(self.ranks)
-        self.group.all_gather(peaks, peak)
+        peaks = torch.zeros(group.size)
+        group.all_gather(peaks, peak)
         return Summary(
             strategy=self.config.train.strategy,
-            world_size=self.ranks,
+            world_size=group.size,
+            mesh=self.runtime.mesh.sizes if hasattr(self.runtime, "mesh") else None,
             params=self.params,
             steps=len(records),
             tokens_per_step=self.config.train.batch_size * self.model_config.block_size,
