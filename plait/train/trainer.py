@@ -211,6 +211,10 @@ class Trainer:
         self.checkpoints = Path(train.run_dir, "checkpoints")
         self.resumed_from = self._resume()
         self.log = MetricsLog(train.run_dir, self.ctx.rank)
+        if self.resumed_from is not None:
+            self.log.write("resume", step=self.sampler.step, checkpoint=str(self.resumed_from))
+            if self.ctx.rank == 0:
+                print(f"plait: resumed from {self.resumed_from} at step {self.sampler.step}", flush=True)
 
     def _resume(self) -> Path | None:
         """Continue from the newest complete checkpoint in RUN_DIR/checkpoints, if checkpointing and one exists."""
