@@ -64,6 +64,7 @@ class Summary:
     model_state_bytes: float | None = None
     """The largest rank's model states (live tensors) after the first step, when a memory cap is set."""
     mem_cap_gb: float | None = None
+    """The cap those model states were checked against (``--mem-cap-gb``)."""
 
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
