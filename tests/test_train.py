@@ -193,6 +193,18 @@ def _train_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_plait_train_on_a_mesh_from_the_command_line(tmp_path):
+    done = _train_cli(
+        tmp_path, "--nproc", "4", "--strategy", "hybrid", "--tp", "2", "--pp", "2", "--micro-batch", "2"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "hybrid on 4 rank(s) (dp 1 x pp 2 x tp 2)" in done.stdout and "bubble" in done.stdout
+    wrong = _train_cli(tmp_path, "--nproc", "2", "--strategy", "pp", "--micro-batch", "4")
+    assert wrong.returncode != 0
+    assert "pp=2 stages need at least 2 micro-batches per step" in wrong.stderr
+    assert "use a micro_batch in {1, 2}" in wrong.stderr
+
+
 def test_memory_cap_stops_ddp_and_zero3_fits_under_it(tmp_path):
     """gpt-tiny's fp32 AdamW states are 13.4 MB per rank under ddp; zero3 on 4 ranks holds about a quarter."""
     ddp = _train_cli(tmp_path, "--nproc", "2", "--strategy", "ddp", "--mem-cap-gb", "0.008")
