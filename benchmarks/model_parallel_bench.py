@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+
+import jobs
+from jobs import every_rank, round_robin
 
 CANDIDATES = ["plait-tp", "torch-tp", "plait-pp-1f1b", "torch-pp-1f1b", "plait-pp-gpipe", "torch-pp-gpipe"]
 
@@ -150,7 +149,6 @@ def _plait(model, candidate: str, world: int, microbatches: int):
 def worker(args: argparse.Namespace) -> None:
     """One job: every rank trains the candidate for warmup + timed steps and reports its figures."""
     import torch
-    import torch.distributed as dist
 
     import plait
     from plait.models import GPT, preset
@@ -179,13 +177,10 @@ def worker(args: argparse.Namespace) -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
             bubbles.append(metrics().get("bubble", float("nan")))
-    mine = torch.tensor(
+    everyone = every_rank(
         [statistics.median(times), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
-         statistics.mean(bubbles), metrics().get("bubble_theory", float("nan"))],
-        dtype=torch.float64,
+         statistics.mean(bubbles), metrics().get("bubble_theory", float("nan"))]
     )  # fmt: skip
-    everyone = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
-    dist.all_gather(everyone, mine)
     if ctx.rank == 0:
         step_s = max(float(t[0]) for t in everyone)
         result = {
@@ -200,19 +195,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_job(args: argparse.Namespace, candidate: str) -> dict | None:
-    out = Path(tempfile.mkdtemp()) / "result.json"
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        __file__, "--worker", "--candidate", candidate, "--out", str(out), "--model", args.model,
-        "--global-batch", str(args.global_batch), "--block-size", str(args.block_size),
-        "--microbatches", str(args.microbatches), "--steps", str(args.steps), "--warmup", str(args.warmup),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0 or not out.exists():
-        print(f"  {candidate}: failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-3:]}")
-        return None
-    return json.loads(out.read_text())
+    options = {
+        k: getattr(args, k)
+        for k in ("model", "global_batch", "block_size", "microbatches", "steps", "warmup")
+    }
+    return jobs.run_job(__file__, candidate, args.nproc, options, args.timeout)
 
 
 def _table(results: dict[str, list[dict]]) -> None:
@@ -253,20 +240,11 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    candidates = args.candidates.split(",")
-    print(
+    title = (
         f"{args.model}, {args.nproc} ranks, {args.global_batch * args.block_size} tokens/step, "
-        f"{args.microbatches} micro-batches, {args.rounds} rounds, {time.strftime('%Y-%m-%d %H:%M')}",
-        flush=True,
+        f"{args.microbatches} micro-batches"
     )
-    results: dict[str, list[dict]] = {c: [] for c in candidates}
-    for round_ in range(args.rounds):
-        order = candidates[round_ % len(candidates) :] + candidates[: round_ % len(candidates)]
-        for candidate in order:
-            result = run_job(args, candidate)
-            if result is not None:
-                results[candidate].append(result)
-                print(f"  round {round_}: {candidate}: {result['tokens_per_s']:.1f} tok/s", flush=True)
+    results = round_robin(title, args.candidates.split(","), args.rounds, lambda c: run_job(args, c))
     _table(results)
 
 

@@ -25,11 +25,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+
+import jobs
+from jobs import every_rank, round_robin
 
 CANDIDATES = [
     "plait-ddp",
@@ -112,7 +112,6 @@ class _DeepSpeedStep:
 def worker(args: argparse.Namespace) -> None:
     """One job: every rank trains the candidate for warmup + timed steps and reports its figures."""
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
 
     import plait
@@ -141,16 +140,13 @@ def worker(args: argparse.Namespace) -> None:
         opt.zero_grad()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    mine = torch.tensor(
+    everyone = every_rank(
         [
             statistics.median(times),
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
             float(_steady_rss()),
-        ],
-        dtype=torch.float64,
+        ]
     )
-    everyone = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
-    dist.all_gather(everyone, mine)
     if ctx.rank == 0:
         step = max(float(t[0]) for t in everyone)
         result = {
@@ -166,28 +162,12 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_job(args: argparse.Namespace, candidate: str) -> dict | None:
-    out = Path(tempfile.mkdtemp()) / "result.json"
     env = {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": "131072",
-        "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/plait-torch-extensions"),
     }
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        __file__, "--worker", "--candidate", candidate, "--out", str(out),
-        "--model", args.model, "--global-batch", str(args.global_batch), "--block-size", str(args.block_size),
-        "--steps", str(args.steps), "--warmup", str(args.warmup),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    if done.returncode != 0 or not out.exists():
-        print(
-            f"  {candidate}: failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}",
-            flush=True,
-        )
-        return None
-    return json.loads(out.read_text())
+    options = {k: getattr(args, k) for k in ("model", "global_batch", "block_size", "steps", "warmup")}
+    return jobs.run_job(__file__, candidate, args.nproc, options, args.timeout, env)
 
 
 def main() -> None:
@@ -211,20 +191,8 @@ def main() -> None:
         worker(args)
         return
 
-    candidates = args.candidates.split(",")
-    print(
-        f"{args.model}, {args.nproc} ranks, {args.global_batch * args.block_size} tokens/step, "
-        f"{args.rounds} rounds, {time.strftime('%Y-%m-%d %H:%M')}",
-        flush=True,
-    )
-    results: dict[str, list[dict]] = {c: [] for c in candidates}
-    for round_ in range(args.rounds):
-        order = candidates[round_ % len(candidates) :] + candidates[: round_ % len(candidates)]
-        for candidate in order:
-            result = run_job(args, candidate)
-            if result is not None:
-                results[candidate].append(result)
-                print(f"  round {round_}: {candidate}: {result['tokens_per_s']:.1f} tok/s", flush=True)
+    title = f"{args.model}, {args.nproc} ranks, {args.global_batch * args.block_size} tokens/step"
+    results = round_robin(title, args.candidates.split(","), args.rounds, lambda c: run_job(args, c))
     baseline = {c: statistics.median(r["tokens_per_s"] for r in rs) for c, rs in results.items() if rs}
     print(
         "\n| candidate | tokens/s (median of rounds) | vs plait-ddp | peak RSS / rank | steady RSS / rank | final loss |"

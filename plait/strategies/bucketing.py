@@ -30,7 +30,8 @@ from plait.comm import Group, Handle
 class GradientBuckets:
     """Readiness counting and in-order launching of per-bucket gradient collectives for one model.
 
-    ``bucket_of[(b, i)]`` is the bucket of parameter ``i`` of ``buffers[b]``. ``launch(k)`` starts
+    ``bucket_of[(b, i)]`` is the bucket of parameter ``i`` of ``buffers[b]`` (None: each buffer is one
+    bucket, as ZeRO's are). ``launch(k)`` starts
     bucket ``k``'s collective and returns its handle. ``on_ready(b, i)`` runs for each gradient of a
     synchronized backward before it is counted (ZeRO-2 copies it into its bucket there);
     ``on_unused(b, i)`` for a tolerated parameter without gradient; ``on_synced()`` once all handles
@@ -40,7 +41,7 @@ class GradientBuckets:
     def __init__(
         self,
         buffers: list[FlatBuffer],
-        bucket_of: dict[tuple[int, int], int],
+        bucket_of: dict[tuple[int, int], int] | None,
         group: Group,
         launch: Callable[[int], Handle | None],
         find_unused_parameters: bool = False,
@@ -49,6 +50,8 @@ class GradientBuckets:
         on_synced: Callable[[], None] | None = None,
     ) -> None:
         self.buffers = buffers
+        if bucket_of is None:
+            bucket_of = {(b, i): b for b, flat in enumerate(buffers) for i in range(len(flat.params))}
         self.bucket_of = bucket_of
         self.group = group
         self._launch = launch

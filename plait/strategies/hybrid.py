@@ -277,7 +277,7 @@ class HybridRuntime(Runtime):
             if self._clip_mask is None:
                 self._clip_mask = self._counted_mask(self.data_parallel.shards.segments(), master.grad)
             grads = [master.grad]
-            squares = (master.grad.float().square() * self._clip_mask).sum().reshape(1)
+            squares = torch.dot(master.grad, master.grad * self._clip_mask).reshape(1)
             self.dp_group.all_reduce(squares)
         else:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]

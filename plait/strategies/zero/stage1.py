@@ -86,7 +86,7 @@ class Stage1Runtime(Runtime):
             scale_output_gradients(module, scaler)
         self.schedule = GradientBuckets(
             self.buckets,
-            {(b, i): b for b, flat in enumerate(self.buckets) for i in range(len(flat.params))},
+            None,  # each buffer is one bucket
             group,
             self._launch,
             strategy.find_unused_parameters,

@@ -122,7 +122,7 @@ class Stage3Runtime(Runtime):
         self.transient = TransientGradients(self.shards)
         self.schedule = GradientBuckets(
             trainable,
-            {(b, i): b for b, flat in enumerate(trainable) for i in range(len(flat.params))},
+            None,  # each buffer is one bucket
             group,
             self._launch,
             strategy.find_unused_parameters,
