@@ -8,6 +8,7 @@ machine's speed swings 10-50% between runs), every job in the same environment, 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -18,6 +19,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+
+
+def parser(description: str, rounds: int, candidates: str) -> argparse.ArgumentParser:
+    """The options every job benchmark takes: model, ranks, batch, steps, rounds, candidates; and the
+    hidden ones a job's ranks get (``--worker --candidate C --out FILE``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default="gpt-bench-7m")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=8, help="sequences per step over all ranks")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per job")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--candidates", default=candidates, help="comma-separated")
+    p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--candidate", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p
 
 
 def run_job(

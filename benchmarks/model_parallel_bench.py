@@ -222,20 +222,8 @@ def _table(results: dict[str, list[dict]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gpt-bench-7m")
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--global-batch", type=int, default=8, help="sequences per step")
-    parser.add_argument("--block-size", type=int, default=256)
+    parser = jobs.parser(__doc__.split("\n")[0], rounds=2, candidates=",".join(CANDIDATES))
     parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per job")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--candidates", default=",".join(CANDIDATES))
-    parser.add_argument("--timeout", type=int, default=1800)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--candidate", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)

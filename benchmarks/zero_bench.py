@@ -171,21 +171,11 @@ def run_job(args: argparse.Namespace, candidate: str) -> dict | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gpt-bench-7m")
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--global-batch", type=int, default=8, help="sequences per step over all ranks")
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per job")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--candidates", default=",".join(c for c in CANDIDATES if not c.startswith("deepspeed"))
+    parser = jobs.parser(
+        __doc__.split("\n")[0],
+        rounds=3,
+        candidates=",".join(c for c in CANDIDATES if not c.startswith("deepspeed")),
     )
-    parser.add_argument("--timeout", type=int, default=1800)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--candidate", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
