@@ -26,6 +26,10 @@ def _every_algorithm(dtype_name: str) -> dict:
         handle = ctx.world.reduce_scatter(shard, full, op="sum", async_op=True)
         handle.wait()
         out[("rs-async", algorithm)] = shard.float()
+        noisy = _noise(r, 64 * n).to(dtype)  # cancellations and magnitudes real gradients have
+        average = torch.zeros(64, dtype=dtype)
+        ctx.world.reduce_scatter(average, noisy, op="avg")
+        out[("rs-noisy", algorithm)] = average.float()
     for algorithm in ALL_GATHER:
         ctx.world.algorithms = AlgorithmTable(pinned={"all_gather": algorithm})
         gathered = torch.zeros(5 * n, dtype=dtype)
@@ -45,6 +49,12 @@ def _every_algorithm(dtype_name: str) -> dict:
     return out
 
 
+def _noise(rank: int, numel: int) -> torch.Tensor:
+    return torch.randn(numel, generator=torch.Generator().manual_seed(rank)) * 10.0 ** torch.randint(
+        -6, 3, (numel,), generator=torch.Generator().manual_seed(100 + rank)
+    )
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n", [2, 4])
 def test_every_algorithm_matches_the_definition(n, dtype):
@@ -55,6 +65,16 @@ def test_every_algorithm_matches_the_definition(n, dtype):
         for algorithm in REDUCE_SCATTER:
             torch.testing.assert_close(out[("rs", algorithm)], expected_sum / n, rtol=1e-2, atol=1e-2)
             torch.testing.assert_close(out[("rs-async", algorithm)], expected_sum, rtol=1e-2, atol=1e-2)
+        exact = torch.stack([_noise(k, 64 * n).to(getattr(torch, dtype)).double() for k in range(n)]).mean(0)
+        exact = exact[64 * r : 64 * r + 64]
+        for algorithm in REDUCE_SCATTER:  # within one rounding of the larger input
+            error = (out[("rs-noisy", algorithm)].double() - exact).abs()
+            ulp = torch.finfo(getattr(torch, dtype)).eps * torch.stack(
+                [_noise(k, 64 * n)[64 * r : 64 * r + 64].double().abs() for k in range(n)]
+            ).amax(0)
+            assert (error <= ulp).all(), (algorithm, (error / ulp).max())
+        if n == 2:  # every algorithm rounds alike, so the measured choice never changes a run's bits
+            assert all(torch.equal(out[("rs-noisy", a)], out[("rs-noisy", "native")]) for a in REDUCE_SCATTER)
         expected_gather = torch.tensor([float(k + 1) for k in range(n) for _ in range(5)])
         for algorithm in ALL_GATHER:
             assert torch.equal(out[("ag", algorithm)], expected_gather), algorithm
