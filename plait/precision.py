@@ -15,7 +15,8 @@ master          an fp32 copy of the parameters this rank updates (all of them un
 ==============  ===========================================================================
 
 Without ``mixed_precision`` everything is in the parameters' own dtype and there is no separate
-master copy except under zero1/2, whose fp32 shard doubles as the master.
+master copy: ddp steps on the flat parameters, zero1/2 on the model's own shard of each bucket and
+zero3 on its parameter shard, in place.
 
 fp16 adds dynamic loss scaling (Micikevicius et al., 2018): the gradient entering the model's
 output is multiplied by ``scale``; the master gradient is divided by it. A step whose gradients hold

@@ -94,6 +94,8 @@ def test_memory_report_fractions_at_four_ranks():
         assert m1.optimizer_state == pytest.approx(full.optimizer_state / 4, rel=0.02)
         # stage 1 keeps ddp's full gradient buffer, and the master's gradient shard
         assert m1.parameters == full.parameters
+        # full precision: the optimizer steps on the model's own shard, no fp32 master copy beside it
+        assert m1.master == m2.master == 0
         assert m1.gradients == pytest.approx(full.gradients * 1.25, rel=0.02)
         # between steps stage 2 holds its gradient shard, and at most two idle bucket buffers (<= 16.5 KiB here)
         assert m2.gradients == pytest.approx(full.gradients / 4, rel=0.02)

@@ -126,7 +126,7 @@ class Runtime:
             "gradients": [p.grad for p in params if p.grad is not None]
             + self.gradient_tensors()
             + ([master.grad] if master is not None and master.grad is not None else []),
-            "master": [master.data] if master is not None else [],
+            "master": master.own_tensors() if master is not None else [],
             "buffers": self.buffer_tensors(),
         }
 

@@ -70,7 +70,14 @@ def rebuild_optimizer(
 
 
 class MasterWeights:
-    """fp32 pieces this rank updates, their gradients, and the optimizer over them."""
+    """fp32 pieces this rank updates, their gradients, and the optimizer over them.
+
+    ``chunks``: where the values live, when they are not a copy. ZeRO-1/2 in full precision step on
+    the model's own shard of each bucket in place: a separate fp32 master would only duplicate it
+    and add a copy to every all-gather. The chunks, in order, cover the pieces (no piece straddles
+    two); the optimizer then steps run by run, one fused update per chunk and group. The gradient
+    is always one contiguous tensor of this class's own.
+    """
 
     def __init__(
         self,
@@ -80,21 +87,42 @@ class MasterWeights:
         group: Group,
         loss_scaler: DynamicLossScaler | None = None,
         release_grads: bool = False,
+        chunks: list[torch.Tensor] | None = None,
     ) -> None:
         total = sum(p.numel for p in pieces)
-        self.data = torch.zeros(total, dtype=torch.float32, device=device)
-        self.grad = torch.zeros_like(self.data)
+        self.grad = torch.zeros(total, dtype=torch.float32, device=device)
+        if chunks is None:
+            self.data: torch.Tensor | None = torch.zeros(total, dtype=torch.float32, device=device)
+            chunks = [self.data]
+        else:
+            self.data = None  # no storage of its own: the values are the chunks
+            if sum(c.numel() for c in chunks) != total or release_grads:
+                raise ValueError(
+                    "chunks must cover the pieces exactly, and in-place values keep their gradients"
+                )
+        self.chunks = chunks
+        self.chunk_starts = [0]
+        for chunk in chunks[:-1]:
+            self.chunk_starts.append(self.chunk_starts[-1] + chunk.numel())
         self.pieces = pieces
-        offsets, params, by_group = [], [], [[] for _ in user_optimizer.param_groups]
+        self.buffers: list[FlatBuffer] = []
+        by_group: list[list[nn.Parameter]] = [[] for _ in user_optimizer.param_groups]
+        placed = [([], []) for _ in chunks]  # per chunk: parameters, their offsets in it
         offset = 0
         for piece in pieces:
             if piece.group is not None:
-                param = nn.Parameter(self.data[offset : offset + piece.numel])
-                offsets.append(offset)
-                params.append(param)
+                c = self._chunk_of(offset, offset + piece.numel)
+                lo = offset - self.chunk_starts[c]
+                param = nn.Parameter(chunks[c][lo : lo + piece.numel])
+                placed[c][0].append(param)
+                placed[c][1].append(lo)
                 by_group[piece.group].append(param)
             offset += piece.numel
-        self.buffer = FlatBuffer.adopt(params, offsets, self.data, self.grad) if params else None
+        for c, (params, offsets) in enumerate(placed):
+            if params:
+                start = self.chunk_starts[c]
+                grad = self.grad[start : start + chunks[c].numel()]
+                self.buffers.append(FlatBuffer.adopt(params, offsets, chunks[c], grad))
         if loss_scaler is not None and not isinstance(user_optimizer, FlatOptimizer):
             raise ConfigError(
                 f"mixed_precision='fp16' skips steps with inf/nan gradients, which needs a plait optimizer; "
@@ -108,35 +136,52 @@ class MasterWeights:
         self.optimizer.register_step_pre_hook(lambda *_: self.unscale())
         self.optimizer.register_step_post_hook(lambda *_: self._after_step())
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.data.numel() * self.data.element_size()
+    def _chunk_of(self, lo: int, hi: int) -> int:
+        """The chunk holding master elements [lo, hi)."""
+        for c, (start, chunk) in enumerate(zip(self.chunk_starts, self.chunks)):
+            if start <= lo and hi <= start + chunk.numel():
+                return c
+        raise ValueError(f"master elements [{lo}, {hi}) straddle two chunks")
+
+    def values(self, lo: int, hi: int) -> torch.Tensor:
+        """Master elements [lo, hi) (within one chunk): the fp32 values the optimizer steps on."""
+        c = self._chunk_of(lo, hi)
+        start = self.chunk_starts[c]
+        return self.chunks[c][lo - start : hi - start]
+
+    def own_tensors(self) -> list[torch.Tensor]:
+        """The storage this master adds to the model's (none when it steps on the model's shards)."""
+        return [self.data] if self.data is not None else []
 
     def attach_grads(self) -> None:
         """Point each piece's ``.grad`` at ``master.grad`` again (a torch optimizer may have set it to None)."""
-        if self.buffer is not None:
-            self.buffer.attach_grads()
+        for buffer in self.buffers:
+            buffer.attach_grads()
 
     def state_views(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """The optimizer state of master elements [lo, hi): views, by state name ("step" is 0-d)."""
         materialize = getattr(self.optimizer, "materialize_state", None)
         if materialize is not None:
             materialize()
-        buffer = self.buffer
-        for param, start, numel in zip(buffer.params, buffer.offsets, buffer.numels):
-            if start <= lo and hi <= start + numel:
-                return {
-                    name: value if value.dim() == 0 else value.reshape(-1)[lo - start : hi - start]
-                    for name, value in self.optimizer.state.get(param, {}).items()
-                    if isinstance(value, torch.Tensor)
-                }
+        c = self._chunk_of(lo, hi)
+        first, last = lo - self.chunk_starts[c], hi - self.chunk_starts[c]  # within the chunk
+        for buffer in self.buffers:
+            if buffer.data is not self.chunks[c]:
+                continue
+            for param, start, numel in zip(buffer.params, buffer.offsets, buffer.numels):
+                if start <= first and last <= start + numel:
+                    return {
+                        name: value if value.dim() == 0 else value.reshape(-1)[first - start : last - start]
+                        for name, value in self.optimizer.state.get(param, {}).items()
+                        if isinstance(value, torch.Tensor)
+                    }
         raise ValueError(f"master elements [{lo}, {hi}) span more than one optimizer piece")
 
     def checkpoint_pieces(self, segments: list[Segment], replicated: bool = False) -> list[CheckpointPiece]:
         """Model values (fp32) and optimizer state of every segment, as checkpoint pieces."""
         pieces = []
         for seg in segments:
-            values = self.data[seg.master_lo : seg.master_lo + seg.numel]
+            values = self.values(seg.master_lo, seg.master_lo + seg.numel)
             for piece in flat_range_pieces(f"model/{seg.name}", seg.shape, seg.param_lo, values):
                 piece.replicated = replicated
                 pieces.append(piece)
@@ -154,8 +199,8 @@ class MasterWeights:
 
         The tensor and its views stay; only the memory under them goes (``ensure_grads`` brings it back).
         """
-        if self.buffer is not None:
-            for param in self.buffer.params:
+        for buffer in self.buffers:
+            for param in buffer.params:
                 param.grad = None
         free_storage(self.grad)
 

@@ -6,6 +6,7 @@ bucket's reduce-scatter lands exactly on the shard its owner updates):
     bucket b = FlatBuffer of whole parameters, padded to a multiple of N
     rank r owns flat_b.data[r * S_b : (r + 1) * S_b], S_b = len(flat_b) / N, in every bucket
     master  = fp32 [ owned slice of bucket 0 | owned slice of bucket 1 | ... ]   (padding included)
+              (ZeRO-1/2 in full precision: no copy, the master's values are the owned slices themselves)
 
 so ``reduce_scatter(master.grad[offset_b : offset_b + S_b], flat_b.grad)`` averages bucket b's
 gradient into the piece of the master that rank r's optimizer steps on, and
@@ -82,7 +83,9 @@ class ShardedMaster:
         group: Group,
         loss_scaler: DynamicLossScaler | None,
         release_grads: bool = False,
+        in_place: bool = False,
     ) -> None:
+        """``in_place``: step on each bucket's own shard of the model (full precision only) instead of a copy."""
         self.buckets = buckets
         self.group = group
         self.owned = [flat.shard(group.rank, group.size) for flat in buckets]
@@ -94,23 +97,27 @@ class ShardedMaster:
         pieces = [
             piece for flat, owned in zip(buckets, self.owned) for piece in owned_pieces(flat, owned, group_of)
         ]
+        chunks = [flat.data[owned] for flat, owned in zip(buckets, self.owned)] if in_place else None
         self.master = MasterWeights(
-            pieces, optimizer, buckets[0].data.device, group, loss_scaler, release_grads
+            pieces, optimizer, buckets[0].data.device, group, loss_scaler, release_grads, chunks
         )
         self.accumulating = False
         """True once a backward since the last step filled the gradient shard: the next one adds to it."""
         self.master.optimizer.register_step_post_hook(lambda *_: setattr(self, "accumulating", False))
 
     def master_slice(self, b: int, of: torch.Tensor | None = None) -> torch.Tensor:
-        """Bucket ``b``'s shard in the master (``of`` = master.data by default, or master.grad)."""
-        of = self.master.data if of is None else of
+        """Bucket ``b``'s shard in the master's values (by default) or in ``of`` (master.grad)."""
         size = self.owned[b].stop - self.owned[b].start
+        if of is None:
+            return self.master.values(self.offsets[b], self.offsets[b] + size)
         return of[self.offsets[b] : self.offsets[b] + size]
 
     def load_from(self, sources: list[torch.Tensor]) -> None:
         """Fill the master from each bucket's owned values (``sources[b]``: that bucket's full flat data)."""
         for b, source in enumerate(sources):
-            self.master_slice(b).copy_(source[self.owned[b]])
+            shard = self.master_slice(b)
+            if shard.data_ptr() != source[self.owned[b]].data_ptr():  # in place: already there
+                shard.copy_(source[self.owned[b]])
 
     def reduce_scatter(self, b: int, gradient: torch.Tensor, then=None) -> Handle:
         """Average bucket ``b``'s full ``gradient`` over ranks into this rank's master gradient shard."""

@@ -1,7 +1,8 @@
 """ZeRO stage 1: partition the optimizer state (Rajbhandari et al., SC'20, section 5.1).
 
 Every rank keeps the whole model and a full gradient buffer, like DDP. Each owns 1/N of every bucket
-(see ``sharding``): the fp32 master of that shard and the optimizer state for it, nothing more.
+(see ``sharding``): the optimizer state for that shard and, where compute precision is lower, an
+fp32 master of it; in full precision the optimizer steps on the model's own shard in place.
 
     backward   as each bucket completes: reduce-scatter its gradient, averaged, into the owner's
                fp32 master gradient shard                          (N-1)/N x bucket bytes per rank
@@ -68,7 +69,9 @@ class Stage1Runtime(Runtime):
         )
         replicate_from_rank0(module, self.buckets, group)
         scaler = DynamicLossScaler() if self.compute == torch.float16 else None
-        self.shards = ShardedMaster(self.buckets, group_of, optimizer, group, scaler)
+        # full precision: the optimizer steps on the model's own shard of each bucket, no master copy
+        in_place = self.compute is None
+        self.shards = ShardedMaster(self.buckets, group_of, optimizer, group, scaler, in_place=in_place)
         self.shards.load_from([flat.data for flat in self.buckets])  # full precision, before any cast
         if self.compute is not None:
             for flat in self.buckets:
