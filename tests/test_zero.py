@@ -164,3 +164,28 @@ def test_fp16_loss_scaler_skips_a_step_with_inf(stage):
 def test_bad_zero_arguments(kwargs, fragment):
     with pytest.raises(plait.ConfigError, match=fragment):
         plait.Zero(**kwargs)
+
+
+def _bf16_model_without_mixed_precision() -> dict:
+    plait.init()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(
+        torch.bfloat16
+    )
+    model, opt = plait.setup(model, "zero1", lambda ps: plait.optim.AdamW(ps, lr=0.1))
+    before = plait.full_state_dict(model)
+    model(torch.ones(4, 8, dtype=torch.bfloat16)).float().square().mean().backward()
+    opt.step()
+    after = plait.full_state_dict(model)
+    return {
+        "changed": all(not torch.equal(before[k], after[k]) for k in before),
+        "memory": plait.memory_report(model, opt),
+        "dtypes": {p.dtype for p in model.parameters()},
+    }
+
+
+def test_a_bf16_model_gets_an_fp32_master():
+    """Parameters stored in bf16 (no mixed_precision): zero1 cannot step in place, so it keeps an fp32 shard."""
+    for result in run_ranks(_bf16_model_without_mixed_precision, 2):
+        assert result["changed"] and result["dtypes"] == {torch.bfloat16}
+        assert result["memory"].master > 0

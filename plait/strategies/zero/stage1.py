@@ -70,7 +70,7 @@ class Stage1Runtime(Runtime):
         replicate_from_rank0(module, self.buckets, group)
         scaler = DynamicLossScaler() if self.compute == torch.float16 else None
         # full precision: the optimizer steps on the model's own shard of each bucket, no master copy
-        in_place = self.compute is None
+        in_place = self.compute is None and all(flat.data.dtype == torch.float32 for flat in self.buckets)
         self.shards = ShardedMaster(self.buckets, group_of, optimizer, group, scaler, in_place=in_place)
         self.shards.load_from([flat.data for flat in self.buckets])  # full precision, before any cast
         if self.compute is not None:
