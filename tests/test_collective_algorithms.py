@@ -30,6 +30,9 @@ def _every_algorithm(dtype_name: str) -> dict:
         average = torch.zeros(64, dtype=dtype)
         ctx.world.reduce_scatter(average, noisy, op="avg")
         out[("rs-noisy", algorithm)] = average.float()
+        inside = _noise(r, 64 * n).to(dtype)  # the result written over this rank's own chunk of the input
+        ctx.world.reduce_scatter(inside[64 * r : 64 * r + 64], inside, op="avg")
+        out[("rs-inplace", algorithm)] = inside[64 * r : 64 * r + 64].float()
     for algorithm in ALL_GATHER:
         ctx.world.algorithms = AlgorithmTable(pinned={"all_gather": algorithm})
         gathered = torch.zeros(5 * n, dtype=dtype)
@@ -75,6 +78,8 @@ def test_every_algorithm_matches_the_definition(n, dtype):
             assert (error <= ulp).all(), (algorithm, (error / ulp).max())
         if n == 2:  # every algorithm rounds alike, so the measured choice never changes a run's bits
             assert all(torch.equal(out[("rs-noisy", a)], out[("rs-noisy", "native")]) for a in REDUCE_SCATTER)
+        for algorithm in REDUCE_SCATTER:
+            torch.testing.assert_close(out[("rs-inplace", algorithm)], out[("rs-noisy", algorithm)], rtol=0, atol=0)
         expected_gather = torch.tensor([float(k + 1) for k in range(n) for _ in range(5)])
         for algorithm in ALL_GATHER:
             assert torch.equal(out[("ag", algorithm)], expected_gather), algorithm
