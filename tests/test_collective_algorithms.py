@@ -79,7 +79,9 @@ def test_every_algorithm_matches_the_definition(n, dtype):
         if n == 2:  # every algorithm rounds alike, so the measured choice never changes a run's bits
             assert all(torch.equal(out[("rs-noisy", a)], out[("rs-noisy", "native")]) for a in REDUCE_SCATTER)
         for algorithm in REDUCE_SCATTER:
-            torch.testing.assert_close(out[("rs-inplace", algorithm)], out[("rs-noisy", algorithm)], rtol=0, atol=0)
+            torch.testing.assert_close(
+                out[("rs-inplace", algorithm)], out[("rs-noisy", algorithm)], rtol=0, atol=0
+            )
         expected_gather = torch.tensor([float(k + 1) for k in range(n) for _ in range(5)])
         for algorithm in ALL_GATHER:
             assert torch.equal(out[("ag", algorithm)], expected_gather), algorithm
