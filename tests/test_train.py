@@ -208,7 +208,7 @@ def test_plait_train_on_a_mesh_from_the_command_line(tmp_path):
 def test_memory_cap_stops_ddp_and_zero3_fits_under_it(tmp_path):
     """gpt-tiny's fp32 AdamW states are 13.4 MB per rank under ddp; zero3 on 4 ranks holds about a quarter."""
     ddp = _train_cli(tmp_path, "--nproc", "2", "--strategy", "ddp", "--mem-cap-gb", "0.008")
-    assert ddp.returncode != 0
+    assert ddp.returncode == 3  # the ranks' own status, passed on by the launcher
     assert "plait: error: out of memory: rank 0 holds 0.013 GB of model states" in ddp.stderr
     assert "over --mem-cap-gb 0.008" in ddp.stderr
     zero3 = _train_cli(tmp_path, "--nproc", "4", "--strategy", "zero3", "--mem-cap-gb", "0.008")
