@@ -45,6 +45,7 @@ def _every_algorithm(dtype_name: str) -> dict:
     ctx.world.algorithms = AlgorithmTable(pinned={})
     ctx.world.calibrate("reduce_scatter", torch.float32, 2**20)
     ctx.world.calibrate("all_gather", torch.float32, 2**20)
+    out["idle scratch"] = sum(t.numel() for t in ctx.world.scratch.idle())
     out["chosen"] = (
         ctx.world.algorithms.choose("reduce_scatter", torch.float32, 2**20),
         ctx.world.algorithms.choose("all_gather", torch.float32, 2**20),
@@ -86,6 +87,7 @@ def test_every_algorithm_matches_the_definition(n, dtype):
         for algorithm in ALL_GATHER:
             assert torch.equal(out[("ag", algorithm)], expected_gather), algorithm
             assert torch.equal(out[("ag-inplace", algorithm)], expected_gather), algorithm
+    assert all(out["idle scratch"] == 0 for out in results)  # the losers' scratch does not stay resident
     assert len({out["chosen"] for out in results}) == 1  # rank 0's measurement decides for everyone
     assert results[0]["chosen"][0] in REDUCE_SCATTER and results[0]["chosen"][1] in ALL_GATHER
 

@@ -269,6 +269,7 @@ class AlgorithmTable:
         )
         chosen = CANDIDATES[op][int(decision)]
         self.chosen[key] = chosen
+        group.release_scratch()  # the losing candidates' scratch would otherwise stay resident
         self.measurements.append(
             Measurement(
                 op, str(dtype).removeprefix("torch."), full.numel() * full.element_size(), speeds, chosen
