@@ -247,3 +247,34 @@ def test_flat_runs_make_one_run_per_dtype(shape_list: list, dtype_choice: list[t
     sum(p.float().sum() for p in params).backward()
     for r in runs:
         assert torch.all(r.grad == 1)
+
+
+class _PendingHandle:
+    """A collective that completes only when waited on."""
+
+    done = False
+
+    def poll(self) -> bool:
+        return False
+
+    def wait(self) -> None:
+        self.done = True
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_a_window_bounds_the_bucket_collectives_in_flight(window):
+    from plait.strategies.bucketing import GradientBuckets
+
+    handles: list[_PendingHandle] = []
+
+    def launch(k: int) -> _PendingHandle:
+        assert sum(not h.done for h in handles) < window, "launched past the window"
+        handles.append(_PendingHandle())
+        return handles[-1]
+
+    buffers = [FlatBuffer([nn.Parameter(torch.zeros(2))]) for _ in range(6)]
+    schedule = GradientBuckets(buffers, None, None, launch, max_in_flight=window)
+    for k in range(6):
+        schedule._count(k)  # bucket k's last gradient arrived
+    assert len(handles) == 6
+    assert [h.done for h in handles] == [True] * (6 - window) + [False] * window  # the oldest waited first

@@ -35,7 +35,8 @@ class GradientBuckets:
     bucket ``k``'s collective and returns its handle. ``on_ready(b, i)`` runs for each gradient of a
     synchronized backward before it is counted (ZeRO-2 copies it into its bucket there);
     ``on_unused(b, i)`` for a tolerated parameter without gradient; ``on_synced()`` once all handles
-    of a synchronized backward are complete.
+    of a synchronized backward are complete. ``max_in_flight``: launching one more first waits for
+    the oldest (a collective that takes scratch memory then reuses it instead of faulting in more).
     """
 
     def __init__(
@@ -48,8 +49,10 @@ class GradientBuckets:
         on_ready: Callable[[int, int], None] | None = None,
         on_unused: Callable[[int, int], None] | None = None,
         on_synced: Callable[[], None] | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.buffers = buffers
+        self.max_in_flight = max_in_flight
         if bucket_of is None:
             bucket_of = {(b, i): b for b, flat in enumerate(buffers) for i in range(len(flat.params))}
         self.bucket_of = bucket_of
@@ -107,6 +110,9 @@ class GradientBuckets:
             if not handle.done and handle.poll():
                 handle.wait()
         while self._next < len(self.launch_order) and self._pending[self.launch_order[self._next]] == 0:
+            in_flight = [h for h in self._handles if not h.done]
+            if self.max_in_flight is not None and len(in_flight) >= self.max_in_flight:
+                in_flight[0].wait()  # the oldest: collectives complete in launch order
             handle = self._launch(self.launch_order[self._next])
             if handle is not None:
                 self._handles.append(handle)
