@@ -8,7 +8,14 @@ import pytest
 import torch
 
 import plait
-from plait.comm.algorithms import ALL_GATHER, REDUCE_SCATTER, AlgorithmTable, pinned_from_env, size_class
+from plait.comm.algorithms import (
+    ALL_GATHER,
+    REDUCE_SCATTER,
+    AlgorithmTable,
+    pick,
+    pinned_from_env,
+    size_class,
+)
 from tests.harness import run_ranks
 
 
@@ -90,6 +97,15 @@ def test_every_algorithm_matches_the_definition(n, dtype):
     assert all(out["idle scratch"] == 0 for out in results)  # the losers' scratch does not stay resident
     assert len({out["chosen"] for out in results}) == 1  # rank 0's measurement decides for everyone
     assert results[0]["chosen"][0] in REDUCE_SCATTER and results[0]["chosen"][1] in ALL_GATHER
+
+
+def test_near_ties_go_to_the_preferred_algorithm():
+    """A clear winner wins; within 10% of it, p2p before all-to-all before gloo's own op."""
+    assert pick({"native": 0.5, "all_to_all": 1.6, "p2p": 2.4}) == "p2p"
+    assert pick({"native": 0.55, "all_to_all": 0.68, "p2p": 0.65}) == "p2p"  # a near tie, measured here
+    assert pick({"native": 1.15, "all_to_all": 1.37, "p2p": 1.21}) == "all_to_all"  # p2p 12% behind
+    assert pick({"native": 2.0, "all_to_all": 1.0, "p2p": 1.0}) == "native"
+    assert pick({"native": 1.0, "all_to_all": 0.95, "p2p": 0.5}) == "all_to_all"
 
 
 def test_pinning_and_size_classes(monkeypatch):

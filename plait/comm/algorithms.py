@@ -5,7 +5,8 @@ a backend moves them. On gloo here the native reduce-scatter reaches about a thi
 all-to-all followed by a local sum does (shared/FACTS.md; ``plait bench --comm`` re-measures), which is
 much of why ZeRO-2/3 and FSDP trail DDP on CPU. So the comm layer measures the candidates once per
 (op, dtype, message size class) on the job's own group, rank 0's choice is broadcast so every rank
-runs the same algorithm, and the result is cached for the process. A table can be pinned instead
+runs the same algorithm, and the result is cached for the process. Candidates within 10% of the
+fastest count as tied, and a fixed preference breaks the tie (``pick``). A table can be pinned instead
 with ``PLAIT_COLLECTIVES`` (``"reduce_scatter=all_to_all,all_gather=native"``), which skips measuring.
 
     reduce_scatter  native      torch's reduce_scatter_single
@@ -199,6 +200,20 @@ REDUCE_SCATTER = ("native", "all_to_all", "p2p")
 ALL_GATHER = ("native", "all_to_all", "p2p")
 CANDIDATES = {"reduce_scatter": REDUCE_SCATTER, "all_gather": ALL_GATHER}
 
+PREFERENCE = ("p2p", "all_to_all", "native")
+"""Among candidates measured within ``CLOSE`` of the fastest, the first of these wins: p2p needs no
+scratch for an all-gather or a two-rank reduce-scatter, and p2p and all-to-all reduce in the same
+order (bit for bit the same sums), which gloo's own reduce-scatter beyond two ranks does not."""
+CLOSE = 0.1
+"""Measured speeds this close (fraction of the fastest) count as a tie: a single measurement on busy
+cores is noisier than that, and a coin toss between near-equals made runs differ from job to job."""
+
+
+def pick(speeds: dict[str, float]) -> str:
+    """The algorithm to use given each candidate's measured speed: the preferred among the near-fastest."""
+    fastest = max(speeds.values())
+    return next(a for a in PREFERENCE if a in speeds and speeds[a] >= (1 - CLOSE) * fastest)
+
 
 def size_class(nbytes: int) -> int:
     """Messages are grouped by powers of 4 bytes: 64 KiB, 256 KiB, 1 MiB, ... share a measurement."""
@@ -262,8 +277,7 @@ class AlgorithmTable:
                 launch = all_gather_launcher(algorithm, full, shard, route)
             seconds = min(_time(launch, group) for _ in range(repeats + 1))
             speeds[algorithm] = moved / seconds / 1e9
-        ranking = sorted(CANDIDATES[op], key=lambda a: -speeds[a])
-        decision = torch.tensor([CANDIDATES[op].index(ranking[0])])
+        decision = torch.tensor([CANDIDATES[op].index(pick(speeds))])
         dist.broadcast(
             decision, src=dist.get_global_rank(group.pg, 0) if group.pg is not None else 0, group=group.pg
         )
