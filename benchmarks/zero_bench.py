@@ -36,6 +36,9 @@ CANDIDATES = [
     "plait-zero1",
     "plait-zero2",
     "plait-zero3",
+    "plait-ddp-bf16",
+    "plait-zero1-bf16",
+    "plait-zero2-bf16",
     "torch-ddp",
     "torch-zero",
     "fsdp2",
@@ -59,6 +62,13 @@ def _build(candidate: str, model, lr: float):
 
     if candidate.startswith("plait-"):
         strategy = candidate.removeprefix("plait-")
+        if strategy.endswith("-bf16"):  # bf16 compute and communication, fp32 master and AdamW state
+            name = strategy.removesuffix("-bf16")
+            strategy = (
+                plait.DDP(mixed_precision="bf16")
+                if name == "ddp"
+                else plait.Zero(stage=int(name[-1]), mixed_precision="bf16")
+            )
         model, opt = plait.setup(model, strategy, lambda ps: plait.optim.AdamW(ps, lr=lr))
         return model, opt, lambda loss: loss.backward()
     if candidate in ("torch-ddp", "torch-zero"):
@@ -134,7 +144,7 @@ def worker(args: argparse.Namespace) -> None:
     times = []
     for i, batch in enumerate(tokens):
         start = time.perf_counter()
-        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1).float(), batch[:, 1:].flatten())
         backward(loss)
         opt.step()
         opt.zero_grad()

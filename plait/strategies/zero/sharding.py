@@ -130,9 +130,18 @@ class ShardedMaster:
         if gradient.dtype == target.dtype and not self.accumulating:
             handle = self.group.reduce_scatter(target, gradient, op=op, async_op=True)
         else:  # a narrower dtype to widen, or a gradient to add to the one already there
-            shard = torch.empty(target.numel(), dtype=gradient.dtype, device=gradient.device)
+            pool = self.group.scratch  # reused from bucket to bucket: a fresh shard costs page faults
+            shard = pool.take(target.numel(), gradient.dtype, gradient.device)
             handle = self.group.reduce_scatter(shard, gradient, op=op, async_op=True)
-            handle.then(lambda: target.add_(shard) if self.accumulating else target.copy_(shard))
+
+            def land() -> None:
+                if self.accumulating:
+                    target.add_(shard)
+                else:
+                    target.copy_(shard)
+                pool.give_back(shard)
+
+            handle.then(land)
         if then is not None:
             handle.then(then)
         return handle
