@@ -1,7 +1,7 @@
 """ZeRO: data parallelism without the redundant copies (Rajbhandari et al., SC'20).
 
 ``plait.Zero(stage=k)`` (or the names "zero1", "zero2", "zero3") partitions across the N
-data-parallel ranks, cumulatively: 1 the optimizer state (with the fp32 master), 2 the gradients,
+data-parallel ranks, cumulatively: 1 the optimizer state (and the fp32 master, under mixed precision), 2 the gradients,
 3 the parameters. Updates equal DDP's; stages 1 and 2 send DDP's bytes, stage 3 1.5x. Each stage
 is its own module (stage1, stage2, stage3) over the shared layout in ``sharding``.
 """
