@@ -159,9 +159,17 @@ class ShardedMaster:
         self.accumulating = True
 
     def all_gather(self, b: int, output: torch.Tensor) -> Handle:
-        """Every rank's updated shard of bucket ``b`` into ``output`` (the bucket's full flat data)."""
-        shard = self.master_slice(b).to(output.dtype)
-        return self.group.all_gather(output, shard, async_op=True)
+        """Every rank's updated shard of bucket ``b`` into ``output`` (the bucket's full flat data).
+
+        The shard is written (cast, under mixed precision) straight into this rank's own slice of
+        ``output`` and gathered in place: no temporary, no second copy. In full precision the
+        master's values already are that slice.
+        """
+        own = output[self.owned[b]]
+        values = self.master_slice(b)
+        if values.data_ptr() != own.data_ptr():
+            own.copy_(values)
+        return self.group.all_gather(output, own, async_op=True)
 
     def calibrate(self, dtype: torch.dtype) -> None:
         """Pick the fastest reduce-scatter / all-gather algorithm for these bucket sizes (collective)."""
