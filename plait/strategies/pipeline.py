@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from plait.comm import Context, Group, Handle
-from plait.errors import ConfigError, divisors
+from plait.errors import ConfigError, require_divisor
 from plait.strategies.base import Runtime, Strategy
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -356,11 +356,7 @@ class Pipeline(Strategy):
     def _as_hybrid(self, ctx: Context) -> Strategy:
         from plait.strategies.hybrid import Hybrid  # hybrid composes this module with the others
 
-        if ctx.world_size % self.stages:
-            raise ConfigError(
-                f"pp={self.stages} does not divide the world size {ctx.world_size}; "
-                f"use stages in {divisors(ctx.world_size)}"
-            )
+        require_divisor("pp", self.stages, ctx.world_size, "stages")
         return Hybrid(
             dp=ctx.world_size // self.stages,
             pp=self.stages,

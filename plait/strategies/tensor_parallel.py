@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.comm import Context, Group
-from plait.errors import ConfigError, divisors
+from plait.errors import ConfigError, divisors, require_divisor
 from plait.strategies.base import Runtime, Strategy
 
 STYLES = ("col", "row", "vocab", "qkv")
@@ -403,11 +403,7 @@ class TensorParallel(Strategy):
     def _as_hybrid(self, ctx: Context) -> Strategy:
         from plait.strategies.hybrid import Hybrid  # hybrid composes this module with the others
 
-        if ctx.world_size % self.size:
-            raise ConfigError(
-                f"tp={self.size} does not divide the world size {ctx.world_size}; "
-                f"use size in {divisors(ctx.world_size)}"
-            )
+        require_divisor("tp", self.size, ctx.world_size, "size")
         return Hybrid(dp=ctx.world_size // self.size, tp=self.size, plan=self.plan)
 
     def validate(self, ctx: Context, model: nn.Module) -> None:
