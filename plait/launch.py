@@ -64,13 +64,13 @@ def torchrun_argv(config: LaunchConfig, target: str, args: list[str], module: bo
 def launch(config: LaunchConfig, target: str, args: list[str], module: bool = False) -> int:
     """Run ``target`` (a script path, or a module with ``module=True``) on ``config.nproc`` local ranks.
 
-    Returns 0 when every rank succeeded, else the exit status of the first rank that failed (1 if a
-    signal killed it), so a status a rank chose (3: over the memory cap) reaches the shell; torchrun
-    prints which rank failed and why.
+    Returns 0 when every rank succeeded, else the exit status of the earliest rank that exited with
+    one (1 if signals killed them all), so a status a rank chose (3: over the memory cap) reaches the
+    shell even when a peer was aborted as it went; torchrun prints which rank failed and why.
     """
     try:
         torchrun_main(torchrun_argv(config, target, args, module))
     except ChildFailedError as e:
-        _, failure = e.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
+        exited = sorted((f.timestamp, f.exitcode) for f in e.failures.values() if f.exitcode > 0)
+        return exited[0][1] if exited else 1
     return 0
