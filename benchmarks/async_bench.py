@@ -1,14 +1,19 @@
 """Synchronous against asynchronous training: wall-clock time to a fixed validation loss.
 
-    python benchmarks/async_bench.py --nproc 4 --steps 300 --target 2.6
+    python benchmarks/async_bench.py --nproc 4 --steps 300 --target 2.6 --slow-factor 2 4
 
 Trains plait's GPT on the default corpus (the standard library's own source) with 4 workers under
-ddp, the parameter server fully asynchronous (s=None) and with staleness bounds s=2 and s=8,
-local SGD (H=8) and DiLoCo (H=8, outer Nesterov), each once with all workers equal and once with
-one worker twice as slow (``--slow-rank 3 --slow-factor 2``). Every run is one ``plait train``
-job writing metrics.jsonl; the table gives the wall-clock seconds and steps until rank 0's
-validation loss first reaches ``--target``, and a PNG plots validation loss against wall-clock
-time and against step, one curve per strategy.
+ddp, the parameter server (fully asynchronous with each staleness compensation, and SSP with
+s=2), local SGD (H=8) and DiLoCo (H=8, its outer settings derived from H, and the paper's), once
+with all workers equal and once per ``--slow-factor`` with one worker (``--slow-rank``, default the
+last) that many times as slow. Every run is one ``plait train`` job writing metrics.jsonl; the
+table gives the wall-clock seconds and steps until rank 0's validation loss first reaches
+``--target``, and the final validation loss; a PNG plots validation loss against wall-clock time
+and against step, one curve per strategy, one row per condition.
+
+A full race is ~30 jobs of 2-3 minutes on 2 cores: ``--only`` and ``--conditions`` run a part of
+it, ``--reuse`` keeps the jobs in ``--out`` that already finished, so the race can be run in
+pieces and the table and plot made from all of them.
 """
 
 from __future__ import annotations
@@ -21,40 +26,61 @@ import time
 from pathlib import Path
 
 RUNS = {
-    "ddp": ["--strategy", "ddp"],
-    "async": ["--strategy", "async"],
-    "ssp s=2": ["--strategy", "async", "--staleness", "2"],
-    "ssp s=8": ["--strategy", "async", "--staleness", "8"],
-    "local-sgd H=8": ["--strategy", "local-sgd", "--period", "8"],
-    "diloco H=8": ["--strategy", "local-sgd", "--period", "8", "--outer", "nesterov"],
+    name: flags.split()
+    for name, flags in {
+        "ddp": "--strategy ddp",
+        "async": "--strategy async --compensation none",
+        "async staleness-lr": "--strategy async --compensation staleness-lr",
+        "async dc": "--strategy async --compensation dc",
+        "async lookahead": "--strategy async --compensation lookahead",
+        "async lookahead+staleness-lr": "--strategy async --compensation lookahead+staleness-lr",
+        "async scale": "--strategy async --compensation none --update scale",
+        "bsp s=0": "--strategy async --staleness 0",
+        "ssp s=2": "--strategy async --staleness 2 --compensation staleness-lr",
+        "ssp s=2 lookahead": "--strategy async --staleness 2 --compensation lookahead",
+        "ssp s=2 lookahead+staleness-lr": "--strategy async --staleness 2 --compensation lookahead+staleness-lr",
+        "local-sgd H=8": "--strategy local-sgd --period 8",
+        "diloco H=8": "--strategy local-sgd --period 8 --outer nesterov",
+        "diloco H=8 paper": "--strategy local-sgd --period 8 --outer nesterov --outer-lr 0.7 --outer-momentum 0.9",
+    }.items()
 }
 
 
-def run(name: str, args: argparse.Namespace, slow: bool, out: Path) -> list[dict]:
-    run_dir = out / f"{name.replace(' ', '_').replace('=', '')}{'-slow' if slow else ''}"
+def condition_name(factor: float) -> str:
+    return "equal workers" if factor == 1 else f"one worker {factor:g}x slow"
+
+
+def run_dir_of(name: str, factor: float, args: argparse.Namespace) -> Path:
+    return (
+        Path(args.out)
+        / f"{name.replace(' ', '_').replace('=', '')}{f'-slow{factor:g}' if factor > 1 else ''}"
+    )
+
+
+def run(name: str, args: argparse.Namespace, factor: float) -> list[dict]:
+    """One ``plait train`` job (or, with ``--reuse``, the one that already finished); rank 0's evaluations."""
+    label = f"{name} ({condition_name(factor)})"
+    run_dir = run_dir_of(name, factor, args)
+    if finished(run_dir, args):
+        print(f"  {label}: reusing {run_dir}", flush=True)
+        return evals_of(run_dir)
     cmd = [
         sys.executable, "-m", "plait.cli", "train", "--nproc", str(args.nproc), "--model", args.model,
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--micro-batch", str(args.batch_size // args.nproc),
         "--eval-every", str(args.eval_every), "--eval-batches", "2", "--lr", str(args.lr), "--warmup-steps", "10",
         "--run-dir", str(run_dir), "--no-progress", *RUNS[name],
     ]  # fmt: skip
-    if slow:
-        cmd += ["--slow-rank", str(args.nproc - 1), "--slow-factor", "2"]
-    if args.reuse and finished(run_dir, args):
-        print(f"  {name}{' (slow rank)' if slow else ''}: reusing {run_dir}", flush=True)
-        return evals_of(run_dir)
+    if factor > 1:
+        cmd += ["--slow-rank", str(args.slow_rank), "--slow-factor", str(factor)]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(
-            f"  {name}{' (slow rank)' if slow else ''}: failed: {done.stderr.strip().splitlines()[-3:]}",
-            flush=True,
-        )
-        return []
-    evals = evals_of(run_dir)
+    evals = evals_of(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    if done.returncode != 0:  # rank 0's evaluations up to the failure still stand, marked in the table
+        print(f"  {label}: failed: {done.stderr.strip().splitlines()[-3:]}", flush=True)
+        if not evals:
+            return []
     print(
-        f"  {name}{' (slow rank)' if slow else ''}: {time.perf_counter() - start:.0f} s, final val {evals[-1]['val_loss']:.3f}",
-        flush=True,
+        f"  {label}: {time.perf_counter() - start:.0f} s, final val {evals[-1]['val_loss']:.3f}", flush=True
     )
     return evals
 
@@ -66,9 +92,13 @@ def evals_of(run_dir: Path) -> list[dict]:
 
 
 def finished(run_dir: Path, args: argparse.Namespace) -> bool:
-    """Whether an earlier job in ``run_dir`` ran to its last step (its final evaluation is there)."""
+    """Whether ``--reuse`` keeps an earlier job in ``run_dir``: one that recorded evaluations.
+
+    A job stopped early (a time limit) still counts: its curve and its time to the target stand;
+    the table marks its last step.
+    """
     path = run_dir / "metrics.jsonl"
-    return path.exists() and any(r["step"] == args.steps - 1 for r in evals_of(run_dir))
+    return args.reuse and path.exists() and bool(evals_of(run_dir))
 
 
 def reached(evals: list[dict], target: float) -> tuple[float, int] | None:
@@ -87,63 +117,93 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--target", type=float, default=2.6)
+    parser.add_argument("--slow-rank", type=int, default=None, help="the straggler (default: the last rank)")
+    parser.add_argument("--slow-factor", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these strategies")
+    parser.add_argument(
+        "--conditions", type=float, nargs="+", help="run only these slow factors (1: equal workers)"
+    )
     parser.add_argument("--out", default="runs/async_bench")
     parser.add_argument("--plot", default="docs/async_comparison.png")
     parser.add_argument(
         "--reuse", action="store_true", help="keep the results of runs in --out that already finished"
     )
     args = parser.parse_args()
-    out = Path(args.out)
+    args.slow_rank = args.nproc - 1 if args.slow_rank is None else args.slow_rank
+    factors = [1.0, *args.slow_factor]
     print(
         f"{args.model}, {args.nproc} workers, {args.steps} steps, target val loss {args.target}, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}",
+        f"slow rank {args.slow_rank}, {time.strftime('%Y-%m-%d %H:%M')}",
         flush=True,
     )
-    curves = {(name, slow): run(name, args, slow, out) for slow in (False, True) for name in RUNS}
+    curves = {}
+    for factor in factors:
+        for name in RUNS:
+            chosen = (not args.only or name in args.only) and (
+                not args.conditions or factor in args.conditions
+            )
+            if chosen:
+                curves[(name, factor)] = run(name, args, factor)
+            else:
+                done = finished(run_dir_of(name, factor, args), args)
+                curves[(name, factor)] = evals_of(run_dir_of(name, factor, args)) if done else []
+    table(curves, factors, args)
+    plot(curves, factors, args)
 
+
+def table(curves: dict, factors: list[float], args: argparse.Namespace) -> None:
+    heads = [f"{condition_name(f)}: s to {args.target} (step)" for f in factors]
     print(
-        f"\n| strategy | equal workers: s to {args.target} (step) | one worker 2x slow: s to {args.target} (step) | final val (equal / slow) |"
+        f"\n| strategy | {' | '.join(heads)} | final val ({' / '.join(condition_name(f) for f in factors)}) |"
     )
-    print("|---|---|---|---|")
+    print("|---|" + "---|" * (len(factors) + 1))
     for name in RUNS:
+        if not any(curves[(name, f)] for f in factors):
+            continue
         cells = []
-        for slow in (False, True):
-            hit = reached(curves[(name, slow)], args.target)
-            cells.append(f"{hit[0]:.1f} s ({hit[1]})" if hit else "not reached")
-        finals = " / ".join(
-            f"{curves[(name, s)][-1]['val_loss']:.3f}" if curves[(name, s)] else "-" for s in (False, True)
-        )
-        print(f"| {name} | {cells[0]} | {cells[1]} | {finals} |")
-    plot(curves, args)
+        for factor in factors:
+            evals = curves[(name, factor)]
+            hit = reached(evals, args.target) if evals else None
+            cells.append(f"{hit[0]:.1f} s ({hit[1]})" if hit else ("not reached" if evals else "-"))
+        finals = " / ".join(final(curves[(name, f)], args) for f in factors)
+        print(f"| {name} | {' | '.join(cells)} | {finals} |")
 
 
-def plot(curves: dict, args: argparse.Namespace) -> None:
+def final(evals: list[dict], args: argparse.Namespace) -> str:
+    """The last validation loss, with its step if the job stopped before the end."""
+    if not evals:
+        return "-"
+    last = evals[-1]
+    return f"{last['val_loss']:.3f}" + ("" if last["step"] == args.steps - 1 else f" (step {last['step']})")
+
+
+def plot(curves: dict, factors: list[float], args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey=True)
-    for row, slow in enumerate((False, True)):
+    fig, axes = plt.subplots(len(factors), 2, figsize=(12, 4 * len(factors)), sharey=True, squeeze=False)
+    for row, factor in enumerate(factors):
         for name in RUNS:
-            evals = curves[(name, slow)]
+            evals = curves[(name, factor)]
             if not evals:
                 continue
             axes[row][0].plot([r["time"] for r in evals], [r["val_loss"] for r in evals], label=name)
             axes[row][1].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], label=name)
-        condition = "one worker 2x slow" if slow else "equal workers"
-        axes[row][0].set_title(f"validation loss vs wall-clock ({condition})")
-        axes[row][1].set_title(f"validation loss vs step ({condition})")
+        axes[row][0].set_title(f"validation loss vs wall-clock ({condition_name(factor)})")
+        axes[row][1].set_title(f"validation loss vs step ({condition_name(factor)})")
         axes[row][0].set_xlabel("seconds")
         axes[row][1].set_xlabel("optimizer step (rank 0)")
         for ax in axes[row]:
             ax.axhline(args.target, color="grey", linestyle=":", linewidth=1)
             ax.set_ylabel("validation loss")
+            ax.set_ylim(top=3.2)
             ax.legend(fontsize=8)
     fig.suptitle(f"{args.model}, {args.nproc} workers on 2 cores, stdlib corpus")
     fig.tight_layout()
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=90)
+    fig.savefig(args.plot, dpi=80)
     print(f"plot: {args.plot}")
 
 

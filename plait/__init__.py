@@ -10,6 +10,7 @@ from plait.comm import Context, current, init, shutdown
 from plait.errors import ConfigError, MemoryCapExceeded
 from plait.metrics import memory_report
 from plait.strategies import DDP, AsyncPS, Hybrid, LocalSGD, Pipeline, Plain, Strategy, TensorParallel, Zero
+from plait.strategies.compression import PowerSGD, Sign
 
 __all__ = [
     "DDP",
@@ -22,6 +23,8 @@ __all__ = [
     "MemoryCapExceeded",
     "Pipeline",
     "Plain",
+    "PowerSGD",
+    "Sign",
     "Strategy",
     "TensorParallel",
     "Zero",

@@ -27,9 +27,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from plait import strategies
 from plait.errors import ConfigError
+from plait.strategies import resolve
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+STRATEGIES = tuple(
+    name for name in strategies.STRATEGIES if resolve(name).model_state_bytes(1.0, 1) is not None
+)
+"""The strategies the paper's accounting covers (each says so: ddp and zero1/2/3), in the resolver's order."""
 
 
 def model_state_bytes(params: float, world: int, strategy: str, k: float = 12.0) -> float:
@@ -38,15 +43,10 @@ def model_state_bytes(params: float, world: int, strategy: str, k: float = 12.0)
         raise ConfigError(f"nproc={world} must be >= 1")
     if params <= 0:
         raise ConfigError(f"params={params} must be > 0")
-    formulas = {
-        "ddp": (2 + 2 + k) * params,
-        "zero1": 2 * params + 2 * params + k * params / world,
-        "zero2": 2 * params + (2 + k) * params / world,
-        "zero3": (2 + 2 + k) * params / world,
-    }
-    if strategy not in formulas:
-        raise ConfigError(f"strategy={strategy!r} has no estimate; use one of {list(formulas)}")
-    return formulas[strategy]
+    found = resolve(strategy).model_state_bytes(params, world, k)
+    if found is None:
+        raise ConfigError(f"strategy={strategy!r} has no estimate; use one of {list(STRATEGIES)}")
+    return found
 
 
 def preset_params(name: str) -> int:
@@ -76,17 +76,14 @@ def measure(model: str, steps: int, out: str) -> None:
 
     import plait
     from plait.models import GPT, preset
+    from plait.strategies import resolve
 
     ctx = plait.init()
     config = preset(model)
     results = []
     for name in STRATEGIES:
         torch.manual_seed(0)
-        strategy = (
-            plait.DDP(mixed_precision="bf16")
-            if name == "ddp"
-            else plait.Zero(stage=int(name[-1]), mixed_precision="bf16")
-        )
+        strategy = resolve(name, mixed_precision="bf16")
         net, opt = plait.setup(GPT(config), strategy, lambda ps: plait.optim.AdamW(ps, lr=1e-4))
         tokens = torch.randint(0, config.vocab_size, (2, min(64, config.block_size) + 1))
         for _ in range(steps):

@@ -27,8 +27,10 @@ after ``growth_interval`` good steps it doubles.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
+from torch import nn
 
 from plait.errors import ConfigError
 
@@ -91,3 +93,30 @@ def nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not flags:
         return torch.zeros(1)
     return torch.stack(flags).any().float().reshape(1)
+
+
+def unscale_and_check(grad: torch.Tensor, scaler: DynamicLossScaler, group: Any) -> bool:
+    """fp16: divide ``grad`` by the loss scale and update the scale; True if any rank of ``group`` saw inf/nan.
+
+    One 4-byte all-reduce (max) on ``group``, so every rank skips the same step.
+    """
+    grad.div_(scaler.scale)
+    found = nonfinite([grad])
+    group.all_reduce(found, op="max")
+    found_inf = bool(found.item())
+    scaler.update(found_inf)
+    return found_inf
+
+
+def scale_output_gradients(module: nn.Module, scaler: DynamicLossScaler) -> None:
+    """fp16 loss scaling without touching the user's loop: the gradient entering each output is multiplied by the scale."""
+
+    def scale(grad: torch.Tensor) -> torch.Tensor:
+        return grad * scaler.scale
+
+    def after_forward(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        for tensor in torch.utils._pytree.tree_leaves(output):
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                tensor.register_hook(scale)
+
+    module.register_forward_hook(after_forward)

@@ -35,7 +35,7 @@ from typing import Any
 import torch.distributed as dist
 
 _ctx = mp.get_context("forkserver")
-_ctx.set_forkserver_preload(["torch", "plait", "plait.models", "plait.data"])
+_ctx.set_forkserver_preload(["torch", "torch._dynamo", "plait", "plait.models", "plait.data"])
 
 
 class RankFailure(AssertionError):
@@ -50,16 +50,19 @@ def _worker(
     log = open(stderr_path, "w")  # noqa: SIM115 - must outlive this frame until os._exit
     os.dup2(log.fileno(), 2)
     faulthandler.register(signal.SIGTERM, file=log, all_threads=True, chain=True)
+    per_host = int(env.get("LOCAL_WORLD_SIZE", world_size))  # a smaller one emulates several hosts
     os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        TORCHELASTIC_USE_AGENT_STORE="True",
-        OMP_NUM_THREADS="1",
-        **env,
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank % per_host),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(per_host),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "OMP_NUM_THREADS": "1",
+            **env,
+        }
     )
     import torch
 

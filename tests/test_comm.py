@@ -146,7 +146,14 @@ def test_torchrun_flags_pass_through():
         "1",
     ]
     multi = torchrun_argv(
-        LaunchConfig(nproc=8, nnodes="2", node_rank=1, rdzv_endpoint="host:29500", max_restarts=3),
+        LaunchConfig(
+            nproc=8,
+            nnodes="2",
+            node_rank=1,
+            rdzv_endpoint="host:29500",
+            rdzv_id="job-7f3a9c1e2b4d",
+            max_restarts=3,
+        ),
         "m",
         [],
         module=True,
@@ -157,11 +164,21 @@ def test_torchrun_flags_pass_through():
         "--max-restarts=3",
         "--rdzv-endpoint=host:29500",
         "--rdzv-backend=c10d",
+        "--rdzv-id=job-7f3a9c1e2b4d",
         "--node-rank=1",
         "--module",
         "m",
     ]
     with pytest.raises(plait.ConfigError, match="rdzv-endpoint"):
         torchrun_argv(LaunchConfig(nproc=2, nnodes="2"), "train.py", [])
+
+
+def test_multi_node_jobs_need_an_unguessable_rendezvous_id():
+    no_id = LaunchConfig(nproc=1, nnodes="1:2", rdzv_endpoint="hosta:29500")
+    with pytest.raises(plait.ConfigError, match=r"needs --rdzv-id.*e\.g\. --rdzv-id [0-9a-f]{32}$"):
+        torchrun_argv(no_id, "train.py", [])
+    for guessable in ["none", "job1", "a" * 15, "bad id with spaces!"]:
+        with pytest.raises(plait.ConfigError, match=r"guessable or malformed.*--rdzv-id [0-9a-f]{32}$"):
+            LaunchConfig(nnodes="2", rdzv_endpoint="hosta:29500", rdzv_id=guessable)
     with pytest.raises(plait.ConfigError, match="nproc=0"):
         LaunchConfig(nproc=0)

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import plait
+from plait.strategies.naive_ddp import NaiveDDP
 from tests.harness import RankFailure, run_ranks
 from tests.reference import FP32, assert_matches_reference, distributed_run, make_model, reference_run
 
@@ -28,6 +30,21 @@ def test_ddp_many_small_buckets_and_sgd():
     results = run_ranks(distributed_run, 2, plait.DDP(bucket_mb=1e-6), STEPS, "sgd")
     for result in results:
         assert_matches_reference(result, reference, **FP32)
+
+
+def test_naive_twin_agrees_with_bucketed_ddp(reference):
+    """Per-parameter all-reduce after backward (naive_ddp) and bucketed, overlapped DDP: the same
+    training, with the same bytes on the wire (4 ranks, micro-batches under no_sync)."""
+    naive, bucketed = (
+        run_ranks(distributed_run, 4, strategy, STEPS, "adamw", 2)[0]
+        for strategy in (NaiveDDP(), plait.DDP())
+    )
+    assert_close(torch.tensor(naive["losses"]), torch.tensor(bucketed["losses"]), **FP32)
+    for name, value in bucketed["state"].items():
+        assert_close(naive["state"][name], value, **FP32, msg=lambda m, n=name: f"{n}: {m}")
+    assert_matches_reference(naive, reference, **FP32)
+    assert naive["bytes_per_step"] == [naive["theory_bytes"]] * STEPS
+    assert naive["theory_bytes"] == bucketed["theory_bytes"]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

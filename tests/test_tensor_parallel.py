@@ -1,6 +1,7 @@
 """Tensor parallelism: the region operators and layers against plain torch, GPT parity with the
 single-process reference at tp=2 and tp=4, a user's own plan, and the configuration errors."""
 
+import collections
 import types
 
 import pytest
@@ -10,12 +11,18 @@ from torch import nn
 from torch.testing import assert_close
 
 import plait
+from plait.comm.stats import bus_bytes
 from plait.strategies import tensor_parallel as tp
+from plait.strategies import tp_ops
 from tests.harness import run_ranks
 from tests.reference import (
+    CONFIG,
     FP32,
+    GLOBAL_BATCH,
     assert_matches_reference,
     distributed_run,
+    full_logits_loss,
+    global_batches,
     make_model,
     reference_eval,
     reference_run,
@@ -76,7 +83,7 @@ def _layers_against_torch() -> dict[str, float]:
 
     logits, targets = torch.randn(3, 5, 10), torch.randint(0, 10, (3, 5))
     local = tp.shard_tensor(logits, 2, 1, group.rank, group.size).requires_grad_()
-    loss = tp.vocab_parallel_cross_entropy(local, targets, group)
+    loss = tp_ops.vocab_parallel_cross_entropy(local, targets, group)
     loss.backward()
     whole = logits.clone().requires_grad_()
     loss_ref = F.cross_entropy(whole.flatten(0, 1), targets.flatten())
@@ -120,6 +127,33 @@ def test_train_step_with_vocab_parallel_or_full_logits_loss(full_logits):
     results = run_ranks(train_step_run, 2, "tp", STEPS, OPTIMIZER, "default", full_logits)
     for result in results:
         assert_matches_reference(result, reference, **FP32)
+
+
+def _one_step_ops(full_logits: bool) -> dict:
+    """The ops (kind, elements) of one tp=2 ``train_step`` and the bytes this rank sent in it."""
+    ctx = plait.init()
+    model, _ = plait.setup(make_model(), plait.TensorParallel(size=2), lambda ps: torch.optim.SGD(ps, lr=0.1))
+    x, y = next(global_batches(1))
+    before = ctx.stats.records()[-1].seq if ctx.stats.records() else -1
+    sent = ctx.stats.bytes_sent
+    model.train_step(x, y, full_logits_loss if full_logits else None)
+    ops = [(r.op, r.nbytes // 4) for r in ctx.stats.records() if r.seq > before]
+    return {"ops": ops, "bytes": ctx.stats.bytes_sent - sent}
+
+
+def test_the_default_loss_never_gathers_the_logits():
+    """Default loss: the two all-reduces of the vocabulary-parallel cross-entropy (N and 2N elements,
+    N = B x T tokens), never the (B, T, V) logits; a user's full-logit loss gathers them once.
+    The bytes differ by exactly that gather less those all-reduces."""
+    (vocab, _), (full, _) = (run_ranks(_one_step_ops, 2, f) for f in (False, True))
+    n, v = GLOBAL_BATCH * CONFIG.block_size, CONFIG.vocab_size
+    only_vocab = collections.Counter(vocab["ops"]) - collections.Counter(full["ops"])
+    only_full = collections.Counter(full["ops"]) - collections.Counter(vocab["ops"])
+    assert only_vocab == {("all_reduce", n): 1, ("all_reduce", 2 * n): 1}, only_vocab
+    assert only_full == {("all_gather", n * v): 1}, only_full
+    gather = bus_bytes("all_gather", n * v * 4, 2)
+    reduces = bus_bytes("all_reduce", n * 4, 2) + bus_bytes("all_reduce", 2 * n * 4, 2)
+    assert full["bytes"] - vocab["bytes"] == gather - reduces
 
 
 def test_adamw_parity():

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 import plait
-from tests.harness import RankFailure, run_ranks
+from tests.harness import run_ranks
 from tests.reference import (
     FP32,
     assert_matches_reference,
@@ -61,9 +61,14 @@ def test_gradient_accumulation_with_no_sync(stage, reference):
     assert results[0]["bytes_per_step"][1:] == [results[0]["theory_bytes"]] * (STEPS - 1)
 
 
-def test_zero3_no_sync_is_a_clear_error():
-    with pytest.raises(RankFailure, match=r"no_sync.*does not fit zero3"):
-        run_ranks(distributed_run, 2, "zero3", 1, "adamw", 2)
+def test_zero3_gradient_accumulation_with_no_sync(reference):
+    """Under no_sync zero3 keeps full gradients (as FSDP's no_sync); the synchronized backward reduces the sums."""
+    results = run_ranks(distributed_run, 2, "zero3", STEPS, "adamw", 2)
+    for result in results:
+        assert_matches_reference(result, reference, **FP32)
+    # three all-gathers (each micro-batch's forward, then one backward: units stay gathered) and one
+    # reduce-scatter, where a step without accumulation moves two all-gathers and one reduce-scatter
+    assert results[0]["bytes_per_step"][1:] == [results[0]["theory_bytes"] * 4 // 3] * (STEPS - 1)
 
 
 def test_zero3_evaluation_forward_under_no_grad():

@@ -1,4 +1,4 @@
-"""The pieces a replicated model contributes to a checkpoint: every tensor whole, on every rank."""
+"""The pieces a rank contributes to a checkpoint: a replicated model's every tensor whole, its generator state."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 import torch
 
 from plait.checkpoint.format import Piece
+from plait.comm import current
+from plait.errors import ConfigError
 
 
 def model_pieces(module: torch.nn.Module, skip: set[int] | frozenset = frozenset()) -> list[Piece]:
@@ -58,3 +60,21 @@ def aliases(module: torch.nn.Module) -> dict[str, str]:
         else:
             first[id(tensor)] = name
     return out
+
+
+def runtime_of(model: torch.nn.Module) -> Any:
+    """The runtime ``plait.setup`` gave ``model``; a ConfigError for a model it did not prepare."""
+    runtime = getattr(model, "plait_runtime", None)
+    if runtime is None:
+        raise ConfigError(
+            "plait.checkpoint needs a model prepared by plait.setup (it knows how the model is split)"
+        )
+    return runtime
+
+
+def rank_pieces(model: torch.nn.Module, optimizer: Any) -> list[Piece]:
+    """Every piece this rank saves or loads: its runtime's, and its generator state (``rng/rank<r>``)."""
+    runtime = runtime_of(model)
+    ctx = current()
+    rng = torch.get_rng_state()
+    return [*runtime.checkpoint_pieces(optimizer), Piece(f"rng/rank{ctx.rank}", tuple(rng.shape), (0,), rng)]

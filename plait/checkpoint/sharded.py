@@ -1,4 +1,4 @@
-"""Save and load: every rank writes its own boxes; loading reads the boxes it needs from any layout.
+"""Save: every rank writes its own boxes, atomically, in the foreground or in the background.
 
 Saving is atomic. Every rank writes ``DIR.partial/rank<r>.safetensors`` and fsyncs it; the ranks
 exchange what they wrote (keys, boxes, sha256) with one all-gather; rank 0 writes the manifest,
@@ -8,10 +8,11 @@ it only after). A crash at any moment leaves either the old checkpoint or the ne
 memory and written by a background thread while training goes on; the exchange and rename happen
 in ``wait()`` (the next save, or the end of training, calls it).
 
-Loading never writes into the model or optimizer until every tensor it needs has been read and
-checked: a missing file, a checksum that does not match, a tensor the checkpoint lacks or has in
-another shape is an error naming it, and the model is left as it was. Nothing is unpickled:
-safetensors and JSON only.
+No rank is left waiting on one that failed: each phase of a save (checking ``extra``, creating
+``DIR.partial``, writing the shards, committing) ends in one all-gather of every rank's outcome
+(:mod:`plait.checkpoint.agreement`), so all ranks raise the same ``CheckpointError``, naming the
+first failing rank, its file and the cause; a failed save removes ``DIR.partial`` and leaves the
+previous checkpoint. Loading any layout back is :mod:`plait.checkpoint.loading`.
 """
 
 from __future__ import annotations
@@ -19,32 +20,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from plait.checkpoint.format import (
-    FORMAT,
-    MANIFEST,
-    VERSION,
-    Piece,
-    file_name,
-    overlap,
-    rows_share,
-    sha256_file,
-)
-from plait.checkpoint.pieces import aliases
+from plait.checkpoint.agreement import agree, all_gather_json
+from plait.checkpoint.faults import fault_point
+from plait.checkpoint.format import FORMAT, MANIFEST, VERSION, Piece, file_name, rows_share, sha256_file
+from plait.checkpoint.manifest import CheckpointError
+from plait.checkpoint.pieces import aliases, rank_pieces, runtime_of
 from plait.comm import current
-from plait.errors import ConfigError
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: missing, corrupt, or of another model. Nothing was changed."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,15 +45,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pieces(model: torch.nn.Module, optimizer: Any) -> list[Piece]:
-    runtime = getattr(model, "plait_runtime", None)
-    if runtime is None:
-        raise ConfigError(
-            "plait.checkpoint needs a model prepared by plait.setup (it knows how the model is split)"
-        )
-    ctx = current()
-    rng = torch.get_rng_state()
-    return [*runtime.checkpoint_pieces(optimizer), Piece(f"rng/rank{ctx.rank}", tuple(rng.shape), (0,), rng)]
+_NOT_SHARED = (
+    "the run directory must be one filesystem that every host sees (a shared or network filesystem); "
+    "are the hosts writing to node-local disks?"
+)
 
 
 class PendingSave:
@@ -80,19 +65,26 @@ class PendingSave:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
 
-    def write(self, chunks: list[Piece], rank: int, copy: bool = True) -> None:
+    def write(self, chunks: list[Piece], rank: int, background: bool = False) -> None:
         """Write this rank's chunks as one safetensors file, fsync it, describe it.
 
-        ``copy``: give each chunk its own memory first (safetensors refuses tensors that share a
-        storage, as views of our flat buffers do); a snapshot already has.
+        In the foreground each chunk gets its own memory first (safetensors refuses tensors that
+        share a storage, as views of our flat buffers do); a background save's snapshot already has.
         """
+        path = self.partial / file_name(rank)
         try:
+            if not self.partial.is_dir():
+                raise CheckpointError(
+                    f"{self.partial}, which rank 0 created, does not exist here; {_NOT_SHARED}"
+                )
             tensors = {
-                f"c{i}": piece.tensor.detach().clone().contiguous() if copy else piece.tensor.contiguous()
+                f"c{i}": piece.tensor.contiguous()
+                if background
+                else piece.tensor.detach().clone().contiguous()
                 for i, piece in enumerate(chunks)
             }
-            path = self.partial / file_name(rank)
             save_file(tensors, str(path))
+            fault_point("async" if background else "write", self.step)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             self.described = {
@@ -105,27 +97,85 @@ class PendingSave:
                     for i, p in enumerate(chunks)
                 ],
             }  # fmt: skip
-        except BaseException as e:  # reported by wait(), on every rank
+        except CheckpointError as e:
             self.error = e
+        except Exception as e:  # reported by wait(), on every rank
+            self.error = CheckpointError(f"could not write {path}: {type(e).__name__}: {e}")
 
     def wait(self) -> Path:
         """Finish the save on every rank: exchange descriptions, write the manifest, rename into place."""
         if self.thread is not None:
             self.thread.join()
         ctx = current()
-        failed = torch.tensor([1.0 if self.error is not None else 0.0])
-        ctx.world.all_reduce(failed, op="max")
-        if failed.item():
-            raise RuntimeError(
-                f"checkpoint save to {self.directory} failed on some rank: {self.error}"
-            ) from self.error
-        descriptions = _all_gather_json(self.described)
+        what = f"checkpoint save to {self.directory}"
+        outcomes = all_gather_json(
+            {"error": str(self.error)} if self.error is not None else {"described": self.described}
+        )
+        failed = [(rank, o["error"]) for rank, o in enumerate(outcomes) if "error" in o]
+        if failed:
+            if ctx.rank == 0:
+                shutil.rmtree(self.partial, ignore_errors=True)
+            rank, message = failed[0]
+            raise CheckpointError(f"{what} failed on rank {rank}: {message}") from self.error
+        error = None
         if ctx.rank == 0:
-            self._commit(descriptions, ctx.world_size)
-        ctx.world.barrier()
+            try:
+                self._commit([o["described"] for o in outcomes])
+            except Exception as e:
+                error = e if isinstance(e, CheckpointError) else CheckpointError(f"{type(e).__name__}: {e}")
+        agree(error, what)  # the closing collective: every rank learns whether rank 0 committed
         return self.directory
 
-    def _commit(self, descriptions: list[dict], world: int) -> None:
+    def _commit(self, descriptions: list[dict]) -> None:
+        """Rank 0: write the manifest, then move the checkpoint into place; on failure leave the old one."""
+        try:
+            for rank, described in enumerate(descriptions):
+                path = self.partial / described["file"]
+                if not path.is_file() or path.stat().st_size != described["bytes"]:
+                    raise CheckpointError(f"rank 0 cannot see {path}, which rank {rank} wrote; {_NOT_SHARED}")
+            path = self.partial / MANIFEST
+            try:
+                with open(path, "w") as f:
+                    json.dump(self._manifest(descriptions), f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync_dir(self.partial)
+            except OSError as e:
+                raise CheckpointError(f"could not write {path}: {e}") from e
+            fault_point("manifest", self.step)
+            self._replace()
+        except BaseException:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise
+
+    def _replace(self) -> None:
+        """Rename ``DIR.partial`` to ``DIR``, moving an existing ``DIR`` aside first, deleting it after.
+
+        Between the two renames only ``DIR.old-*`` holds this step; ``history.complete`` counts it
+        then, so a crash there loses nothing. A rename that fails puts the old copy back.
+        """
+        directory = self.directory
+        old = None
+        if directory.exists():
+            old = directory.with_name(f"{directory.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(directory, old)
+            fault_point("rename", self.step)
+        try:
+            os.rename(self.partial, directory)
+        except OSError:
+            if old is not None:
+                os.rename(old, directory)
+            raise
+        _fsync_dir(directory.parent)
+        fault_point("commit", self.step)
+        if old is not None:  # the new checkpoint is in place: failing to delete the old one is no failure
+            try:
+                (old / MANIFEST).unlink()  # a copy half deleted must never look complete
+                shutil.rmtree(old)
+            except OSError as e:
+                print(f"plait: warning: could not delete {old}: {e}", file=sys.stderr, flush=True)
+
+    def _manifest(self, descriptions: list[dict]) -> dict[str, Any]:
         tensors: dict[str, dict] = {}
         for described in descriptions:
             for chunk in described["chunks"]:
@@ -135,46 +185,19 @@ class PendingSave:
                 entry["chunks"].append(
                     {k: chunk[k] for k in ("name", "offsets", "lengths")} | {"file": described["file"]}
                 )
-        manifest = {
+        return {
             "format": FORMAT,
             "version": VERSION,
             "step": self.step,
             "extra": self.extra,
             "strategy": self.strategy,
-            "world_size": world,
+            "world_size": len(descriptions),
             "mesh": self.mesh,
             "aliases": self.aliases,
             "param_groups": self.groups,
             "files": {d["file"]: {"sha256": d["sha256"], "bytes": d["bytes"]} for d in descriptions},
             "tensors": tensors,
         }
-        path = self.partial / MANIFEST
-        with open(path, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(self.partial)
-        old = None
-        if self.directory.exists():
-            old = self.directory.with_name(f"{self.directory.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(self.directory, old)
-        os.rename(self.partial, self.directory)
-        _fsync_dir(self.directory.parent)
-        if old is not None:
-            shutil.rmtree(old)
-
-
-def _all_gather_json(value: Any) -> list[Any]:
-    """Every rank's JSON-able ``value``, through the comm layer (bytes padded to the longest)."""
-    ctx = current()
-    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
-    length = torch.tensor([float(data.numel())])
-    ctx.world.all_reduce(length, op="max")
-    padded = torch.zeros(int(length.item()), dtype=torch.uint8)
-    padded[: data.numel()] = data
-    everyone = torch.zeros(ctx.world_size * padded.numel(), dtype=torch.uint8)
-    ctx.world.all_gather(everyone, padded)
-    return [json.loads(bytes(chunk.tolist()).rstrip(b"\0")) for chunk in everyone.view(ctx.world_size, -1)]
 
 
 _pending: PendingSave | None = None
@@ -192,12 +215,23 @@ def save(
 
     ``extra`` is any JSON-able value (the data position, say) handed back by ``load``. With
     ``blocking=False`` the state is snapshotted to memory and written in the background; the save
-    completes at ``wait()``, which the next ``save`` calls.
+    completes at ``wait()``, which the next ``save`` calls. Any failure is a ``CheckpointError`` on
+    every rank, naming the rank, the file and the cause; the previous checkpoint stays as it was.
     """
     global _pending
     wait_for_pending()
     ctx = current()
-    runtime = model.plait_runtime
+    directory = Path(directory)
+    runtime = runtime_of(model)
+    runtime.begin_checkpoint("save", str(directory), step)
+    blocking = blocking or not runtime.saves_in_background
+    what = f"checkpoint save to {directory}"
+    try:
+        json.dumps(extra)
+        failure = None
+    except (TypeError, ValueError) as e:  # before anything is written
+        failure = CheckpointError(f"extra is not JSON-serializable ({type(e).__name__}: {e})")
+    agree(failure, what)
     groups = [
         {
             k: v
@@ -206,19 +240,23 @@ def save(
         }
         for group in (optimizer.param_groups if optimizer is not None else [])
     ]
-    mesh = runtime.mesh.sizes if hasattr(runtime, "mesh") else {}
-    pending = PendingSave(Path(directory), step, extra, runtime.strategy.name, mesh, aliases(model), groups)
+    mesh = runtime.mesh_sizes() or {}
+    pending = PendingSave(directory, step, extra, runtime.strategy.name, mesh, aliases(model), groups)
     chunks = []
-    for piece in _pieces(model, optimizer):
+    for piece in rank_pieces(model, optimizer):
         if not piece.save:
             continue
         mine = rows_share(piece, ctx.rank, ctx.world_size) if piece.replicated else piece
         if mine is not None:
             chunks.append(mine)
+    failure = None
     if ctx.rank == 0:
-        shutil.rmtree(pending.partial, ignore_errors=True)
-        pending.partial.mkdir(parents=True)
-    ctx.world.barrier()  # the partial directory exists before anyone writes into it
+        try:
+            shutil.rmtree(pending.partial, ignore_errors=True)
+            pending.partial.mkdir(parents=True)
+        except OSError as e:
+            failure = CheckpointError(f"could not create {pending.partial}: {e}")
+    agree(failure, what)  # the partial directory exists before anyone writes into it
     if blocking:
         with runtime.checkpoint_guard():
             pending.write(chunks, ctx.rank)
@@ -227,7 +265,7 @@ def save(
     with runtime.checkpoint_guard():  # training goes on while the snapshot is written
         snapshot = [Piece(p.key, p.shape, p.offsets, p.tensor.detach().clone().contiguous()) for p in chunks]
     pending.thread = threading.Thread(
-        target=pending.write, args=(snapshot, ctx.rank, False), name="plait-checkpoint"
+        target=pending.write, args=(snapshot, ctx.rank, True), name="plait-checkpoint"
     )
     pending.thread.start()
     _pending = pending
@@ -240,118 +278,3 @@ def wait_for_pending() -> None:
     if _pending is not None:
         pending, _pending = _pending, None
         pending.wait()
-
-
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        partial = Path(directory).with_name(Path(directory).name + ".partial")
-        hint = f" ({partial} is an unfinished save, never loaded)" if partial.exists() else ""
-        raise CheckpointError(f"no checkpoint at {directory}: {MANIFEST} is missing{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-            f"this plait reads {FORMAT!r} version {VERSION}"
-        )
-    return manifest
-
-
-def load(directory: str | os.PathLike, model: torch.nn.Module, optimizer: Any = None) -> tuple[int, Any]:
-    """Load a checkpoint saved under any strategy and world size into ``model`` / ``optimizer``.
-
-    Returns ``(step, extra)``. RNG states are restored when the world size is the one saved.
-    """
-    wait_for_pending()
-    ctx = current()
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    pieces = _pieces(model, optimizer)
-    tensors = dict(manifest["tensors"])
-    for alias, name in manifest.get("aliases", {}).items():  # a tied weight saved once, found by either name
-        for key in [k for k in tensors if k.split("/")[1:2] == [name]]:
-            tensors.setdefault(key.replace(f"/{name}", f"/{alias}", 1), tensors[key])
-    has_state = any(p.key.startswith("optim/") for p in pieces)
-    if optimizer is not None and not has_state and any(k.startswith("optim/") for k in tensors):
-        raise CheckpointError(
-            f"{type(optimizer).__name__} has no state to load into yet; plait.checkpoint restores optimizer "
-            "state into plait.optim optimizers (or a torch optimizer that has taken a step)"
-        )
-    for piece in pieces:
-        if piece.key.startswith("rng/"):
-            continue
-        entry = tensors.get(piece.key)
-        if entry is None:
-            if not piece.required:
-                continue
-            known = sorted(k for k in tensors if k.startswith(piece.key.split("/")[0]))
-            raise CheckpointError(
-                f"checkpoint {directory} has no tensor {piece.key!r} (the first the model needs that it lacks); "
-                f"it has {len(known)} like it, e.g. {known[:3]}"
-            )
-        if tuple(entry["shape"]) != piece.shape:
-            raise CheckpointError(
-                f"checkpoint tensor {piece.key!r} has shape {entry['shape']}, the model's has {list(piece.shape)}"
-            )
-    needed = {
-        chunk["file"]
-        for piece in pieces
-        for chunk in tensors.get(piece.key, {}).get("chunks", [])
-        if not piece.key.startswith("rng/") or manifest["world_size"] == ctx.world_size
-    }
-    for name in sorted(needed):
-        _verify(directory, name, manifest["files"].get(name))
-    staged = []
-    for piece in pieces:
-        if piece.key not in tensors or (
-            piece.key.startswith("rng/") and manifest["world_size"] != ctx.world_size
-        ):
-            continue
-        staged.append((piece, _read(directory, piece, tensors[piece.key])))
-    with torch.no_grad():
-        for piece, values in staged:
-            if piece.key.startswith("rng/"):
-                torch.set_rng_state(values)
-            else:
-                piece.tensor.copy_(values)
-            piece.loaded = True
-    if optimizer is not None and len(manifest.get("param_groups", [])) == len(optimizer.param_groups):
-        for group, saved in zip(optimizer.param_groups, manifest["param_groups"]):
-            group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
-    model.plait_runtime.after_checkpoint_load()
-    ctx.world.barrier()
-    return manifest["step"], manifest["extra"]
-
-
-def _verify(directory: Path, name: str, recorded: dict | None) -> None:
-    path = directory / name
-    if recorded is None or not path.exists():
-        raise CheckpointError(f"checkpoint {directory} is missing {name}")
-    if path.stat().st_size != recorded["bytes"] or sha256_file(str(path)) != recorded["sha256"]:
-        raise CheckpointError(f"{path} is corrupt: its size or sha256 differs from the manifest's")
-
-
-def _read(directory: Path, piece: Piece, entry: dict) -> torch.Tensor:
-    """The piece's box, assembled from every chunk that overlaps it."""
-    out = torch.empty(piece.lengths, dtype=piece.tensor.dtype)
-    covered = 0
-    for chunk in entry["chunks"]:
-        box = overlap(piece.offsets, piece.lengths, chunk["offsets"], chunk["lengths"])
-        if box is None:
-            continue
-        offsets, lengths = box
-        with safe_open(str(directory / chunk["file"]), framework="pt") as f:
-            source = f.get_slice(chunk["name"])[
-                tuple(slice(o - c, o - c + n) for o, c, n in zip(offsets, chunk["offsets"], lengths))
-            ]
-        target = tuple(slice(o - p, o - p + n) for o, p, n in zip(offsets, piece.offsets, lengths))
-        out[target] = source.to(out.dtype)
-        covered += source.numel()
-    if covered < out.numel():  # chunks tile a tensor; only 0-d values are written by several ranks
-        raise CheckpointError(
-            f"checkpoint tensor {piece.key!r} does not cover the box {piece.offsets}+{piece.lengths}"
-        )
-    return out

@@ -6,6 +6,9 @@ in it (launch plus ``wait``), and an :class:`~plait.comm.stats.OpRecord` in the 
 can later be explained by what each rank was doing.
 
 On a group of one rank every collective is the identity and nothing is sent.
+
+A group knows which host each of its ranks is on (``hosts``), so its bytes are also counted per
+link level (see :mod:`plait.comm.stats`): what a ring op sends goes to this rank's successor.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from plait.comm.algorithms import (
     reduce_scatter_launcher,
 )
 from plait.comm.pool import BufferPool
-from plait.comm.stats import CommStats, OpRecord, bus_bytes
+from plait.comm.stats import INTER_HOST, INTRA_HOST, CommStats, OpRecord, bus_bytes
 
 
 class Handle:
@@ -40,7 +43,9 @@ class Handle:
         stats: CommStats,
         op: str,
         finish: Callable[[], None] | None = None,
+        link: str = INTRA_HOST,
     ) -> None:
+        self._link = link
         self._work = work
         self._record = record
         self._stats = stats
@@ -55,8 +60,14 @@ class Handle:
         return self
 
     def poll(self) -> bool:
-        """True once the op has completed (then ``wait`` returns at once); never blocks."""
-        return self.done or self._work is None or self._work.is_completed()
+        """True once the op has completed, which then counts as finished (the callbacks run, as in
+        ``wait``, and the op log shows it done); never blocks. A failed op raises here."""
+        if self.done:
+            return True
+        if self._work is None or self._work.is_completed():
+            self.wait()
+            return True
+        return False
 
     def wait_for(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s``; True once complete (callbacks run), False if still in flight.
@@ -80,7 +91,9 @@ class Handle:
 
         waiter = threading.Thread(target=wait, daemon=True)
         waiter.start()
+        self._record.blocking = True
         waiter.join(timeout_s)
+        self._record.blocking = False
         if not outcome:
             return False
         if outcome[0] is not None:
@@ -98,10 +111,14 @@ class Handle:
             return
         start = time.perf_counter()
         if self._work is not None:
-            if timeout_s is None:
-                self._work.wait()
-            else:
-                self._work.wait(datetime.timedelta(seconds=timeout_s))
+            self._record.blocking = True
+            try:
+                if timeout_s is None:
+                    self._work.wait()
+                else:
+                    self._work.wait(datetime.timedelta(seconds=timeout_s))
+            finally:
+                self._record.blocking = False
         self._complete(start)
 
     def _complete(self, start: float) -> None:
@@ -110,7 +127,7 @@ class Handle:
             self._source = self._work._source_rank()
         self.done = True
         self._record.finished = time.perf_counter()
-        self._stats.account(self._op, 0, 0, self._record.finished - start, calls=0)
+        self._stats.account(self._op, 0, 0, self._record.finished - start, calls=0, link=self._link)
         for fn in self._then:
             fn()
 
@@ -119,7 +136,8 @@ class Group:
     """A process group plus the accounting of everything sent through it.
 
     ``pg`` is a ``torch.distributed`` process group (``None`` means the default, world group).
-    ``name`` labels the group in logs ("world", "dp", "tp", "pp", ...).
+    ``name`` labels the group in logs ("world", "dp", "tp", "pp", ...). ``hosts[i]`` is the host
+    of group rank i (None: all on one host).
     """
 
     def __init__(
@@ -129,6 +147,7 @@ class Group:
         stats: CommStats,
         algorithms: AlgorithmTable | None = None,
         device: torch.device | None = None,
+        hosts: list[int] | None = None,
     ) -> None:
         self.pg = pg
         self.name = name
@@ -140,9 +159,21 @@ class Group:
         """Receive and copy buffers the all-to-all algorithms reuse from call to call."""
         self.size = dist.get_world_size(pg) if dist.is_initialized() else 1
         self.rank = dist.get_rank(pg) if dist.is_initialized() else 0
+        self.hosts = list(hosts) if hosts is not None else [0] * self.size
+        self.link = self.link_to((self.rank + 1) % self.size)
+        """The link level a ring op's bytes take: to this rank's successor in the group."""
 
     def __repr__(self) -> str:
         return f"Group({self.name}, rank={self.rank}, size={self.size})"
+
+    def link_to(self, rank: int) -> str:
+        """The link level between this rank and group rank ``rank``."""
+        return INTRA_HOST if self.hosts[rank] == self.hosts[self.rank] else INTER_HOST
+
+    @property
+    def host_count(self) -> int:
+        """How many hosts this group's ranks are on."""
+        return len(set(self.hosts))
 
     # -- the bookkeeping shared by every op ------------------------------------------------------
 
@@ -155,12 +186,15 @@ class Group:
         sent: int,
         received: int = 0,
         algorithm: str | None = None,
+        link: str | None = None,
     ) -> Handle | None:
         """Log, launch (skipped on a group of one), account bytes and launch time, and wait unless async.
 
         ``launch`` returns a work handle or, for ops with an ``algorithm``, a work handle and a
-        completion step to run once the work is done.
+        completion step to run once the work is done. ``link``: the level the bytes take (default:
+        the ring successor's).
         """
+        link = link or self.link
         nbytes = tensor.numel() * tensor.element_size()
         record = self.stats.begin(
             op, self.name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), nbytes
@@ -170,8 +204,8 @@ class Group:
         work, finish = None, None
         if self.size > 1 or op in ("send", "recv"):
             work, finish = launch() if algorithm is not None else (launch(), None)
-        self.stats.account(op, sent, received, time.perf_counter() - start)
-        handle = Handle(work, record, self.stats, op, finish)
+        self.stats.account(op, sent, received, time.perf_counter() - start, link=link)
+        handle = Handle(work, record, self.stats, op, finish, link)
         if async_op:
             return handle
         handle.wait()
@@ -281,6 +315,7 @@ class Group:
             lambda: dist.isend(tensor, dst=self._global(dst), group=self.pg, tag=tag),
             async_op,
             nbytes,
+            link=self.link_to(dst),
         )
 
     def recv(
@@ -295,4 +330,5 @@ class Group:
             async_op,
             0,
             nbytes,
+            link=self.link_to(src) if src is not None else None,
         )

@@ -12,6 +12,11 @@ bandwidth-optimal algorithm for the op, computed from the tensors the comm layer
 
 so the per-step totals can be set beside the theory (DDP sends 2(N-1)/N of the gradient bytes) and
 any extra collective, padding or duplicate reduction shows up as a difference.
+
+Across hosts the same bytes are also split by *link level* (``links``): "intra-host" or
+"inter-host". A ring op's bytes go to this rank's successor in the group, so they count as
+inter-host exactly when that successor is on another host (a flat ring over A0 A1 B0 B1 crosses
+the hosts on 2 of its 4 links); a point-to-point op counts by its peer's host.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import sys
 import time
 
 _PLAIT_COMM_DIR = os.path.dirname(os.path.abspath(__file__))
+
+INTRA_HOST = "intra-host"
+INTER_HOST = "inter-host"
 
 
 def bus_bytes(op: str, nbytes: int, world: int) -> int:
@@ -60,6 +68,9 @@ class OpRecord:
     started: float
     finished: float | None = None
     algorithm: str | None = None
+    blocking: bool = False
+    """A thread of this rank waits on it right now (``Handle.wait`` / ``wait_for``; a blocking call
+    waits inside): only such an op can hang the rank, so only such an op can be called stuck."""
 
     def describe(self) -> str:
         state = "done" if self.finished is not None else "pending"
@@ -88,6 +99,8 @@ class CommStats:
 
     def __init__(self, log_size: int = 256) -> None:
         self.totals: dict[str, OpTotals] = collections.defaultdict(OpTotals)
+        self.links: dict[str, OpTotals] = collections.defaultdict(OpTotals)
+        """The same bytes and seconds by link level (:data:`INTRA_HOST`, :data:`INTER_HOST`)."""
         self.log: collections.deque[OpRecord] = collections.deque(maxlen=log_size)
         self._seq: dict[str, int] = collections.defaultdict(int)
 
@@ -98,16 +111,22 @@ class CommStats:
         self.log.append(record)
         return record
 
-    def account(self, op: str, sent: int, received: int, seconds: float, calls: int = 1) -> None:
-        totals = self.totals[op]
-        totals.calls += calls
-        totals.bytes_sent += sent
-        totals.bytes_received += received
-        totals.seconds += seconds
+    def account(
+        self, op: str, sent: int, received: int, seconds: float, calls: int = 1, link: str = INTRA_HOST
+    ) -> None:
+        for totals in (self.totals[op], self.links[link]):
+            totals.calls += calls
+            totals.bytes_sent += sent
+            totals.bytes_received += received
+            totals.seconds += seconds
 
     def snapshot(self) -> dict[str, OpTotals]:
         """A copy of the totals, to subtract from a later snapshot (see :func:`delta`)."""
         return {op: dataclasses.replace(t) for op, t in self.totals.items()}
+
+    def link_snapshot(self) -> dict[str, OpTotals]:
+        """A copy of the totals by link level (subtract two with :func:`delta`)."""
+        return {link: dataclasses.replace(t) for link, t in self.links.items()}
 
     @property
     def bytes_sent(self) -> int:

@@ -60,9 +60,11 @@ class BatchSampler:
         world_size: int,
         seed: int = 0,
         start_step: int = 0,
+        shares: tuple[int, ...] | None = None,
     ) -> None:
         _check_length(tokens, block_size)
         self.local_batch = _check_shard(global_batch, rank, world_size, "global_batch")
+        self.start = rank * self.local_batch
         self.tokens = tokens
         self.block_size = block_size
         self.global_batch = global_batch
@@ -70,6 +72,17 @@ class BatchSampler:
         self.world_size = world_size
         self.seed = seed
         self._step = start_step
+        if shares is not None:
+            self.set_shares(shares)
+
+    def set_shares(self, shares: tuple[int, ...]) -> None:
+        """Unequal slices (``plait train --balance``): rank r takes ``shares[r]`` windows after those before it."""
+        if len(shares) != self.world_size or sum(shares) != self.global_batch or min(shares) < 1:
+            raise ConfigError(
+                f"shares={shares} must be {self.world_size} positive counts summing to {self.global_batch}"
+            )
+        self.local_batch = shares[self.rank]
+        self.start = sum(shares[: self.rank])
 
     @property
     def step(self) -> int:
@@ -82,9 +95,8 @@ class BatchSampler:
         # so no rank's slice depends on how many others there are.
         rng = np.random.default_rng([self.seed, self._step])
         offsets = rng.integers(0, len(self.tokens) - self.block_size, size=self.global_batch)
-        start = self.rank * self.local_batch
         self._step += 1
-        return _windows(self.tokens, offsets[start : start + self.local_batch], self.block_size)
+        return _windows(self.tokens, offsets[self.start : self.start + self.local_batch], self.block_size)
 
     def state_dict(self) -> dict[str, int]:
         """All the state needed to resume: the next step and the seed."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +16,26 @@ from typing import Any
 class MetricsLog:
     """Append-only JSONL metrics file shared by the ranks of one run."""
 
-    def __init__(self, run_dir: str | Path, rank: int) -> None:
+    def __init__(self, run_dir: str | Path, rank: int, sinks: Sequence[Any] = ()) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
+        self.sinks = list(sinks)
+        """Further writers (TensorBoard) given every record as ``sink.write(kind, values)``; closed with this."""
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def write(self, kind: str, **values: Any) -> None:
         line = json.dumps({"rank": self.rank, "kind": kind, **values}, separators=(",", ":")) + "\n"
         os.write(self._fd, line.encode())
+        for sink in self.sinks:
+            sink.write(kind, values)
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            for sink in self.sinks:
+                sink.close()
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:

@@ -7,8 +7,6 @@ import resource
 
 import torch
 
-from plait.strategies import PlaitModule
-
 
 def peak_memory_bytes(device: torch.device | None = None) -> int:
     """Peak memory of this rank so far: the CUDA allocator's peak on a GPU, else the process's peak RSS.
@@ -50,8 +48,9 @@ def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     buffers (bucket buffers a strategy keeps idle for the next backward: the ZeRO paper's "temporary
     buffers", a residual state whose size follows ``bucket_mb``, not the model).
     """
-    if isinstance(model, PlaitModule):
-        tensors = model.plait_runtime.memory_tensors()
+    runtime = getattr(model, "plait_runtime", None)  # what plait.setup returns carries its runtime
+    if runtime is not None:
+        tensors = runtime.memory_tensors()
     else:
         tensors = {
             "parameters": list(model.parameters()),

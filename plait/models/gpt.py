@@ -9,12 +9,14 @@ pipeline stage or a tensor-parallel vocabulary shard can compute it its own way.
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from plait.errors import ConfigError, divisors
@@ -108,6 +110,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _checkpointed(forward: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """``forward(*args)`` under the non-reentrant checkpoint when a backward will need it; else as is."""
+    if not torch.is_grad_enabled():  # evaluation: nothing is saved, nothing to recompute
+        return forward(*args)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+
+
 class GPT(nn.Module):
     """Token and position embeddings, ``n_layer`` blocks, a final LayerNorm and a tied output head."""
 
@@ -142,6 +151,19 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def activation_checkpointing(self) -> None:
+        """Keep only each block's input in forward and recompute the block's activations in backward.
+
+        Each block's ``forward`` (not ``__call__``) runs under torch's non-reentrant checkpoint, so module
+        hooks stay outside it and fire once: a strategy that gathers a block's parameters in a forward
+        pre-hook (zero3) or splits its layers (tp) sees the same calls with or without it, and the
+        recomputation reads the parameters its backward has gathered. Saved per block: its (B, T, C)
+        input instead of every intermediate; the price is one more forward of each block in backward.
+        The state dict's names do not change.
+        """
+        for block in self.transformer.h:
+            block.forward = functools.partial(_checkpointed, block.forward)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Count parameters, the tied embedding/head weight once.

@@ -20,7 +20,10 @@ from torch import nn
 
 from plait.checkpoint.format import Piece
 from plait.checkpoint.pieces import model_pieces, optimizer_pieces
-from plait.comm import Context, current
+from plait.comm import Context, Group, current
+from plait.comm.stats import bus_bytes
+from plait.errors import ConfigError
+from plait.precision import DynamicLossScaler
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(model output, targets) -> the mean loss over this rank's samples."""
@@ -37,7 +40,8 @@ class Runtime:
     theory: str = "no communication"
     """How ``theory_bytes_per_step`` is computed, for the run summary."""
     supports_no_sync: bool = True
-    """Whether ``no_sync()`` can defer communication (gradient accumulation without it also works)."""
+    """Whether gradient accumulation (``train_step(microbatches=k)``) defers communication to the last
+    micro-batch with ``no_sync()``; ZeRO-3 reduces every micro-batch instead, to keep gradients sharded."""
     synchronous: bool = True
     """Whether ranks step in lockstep (an asynchronous strategy must not be re-synchronized every step)."""
     dp_group: Any = None
@@ -52,6 +56,12 @@ class Runtime:
         self.module = module
         self.optimizer = optimizer
 
+    @property
+    def uneven_shares(self) -> bool:
+        """Whether the data-parallel ranks may take different shares of the global batch (``--balance``,
+        plait.data.balance), each accumulating its own number of micro-batches: where they step in lockstep."""
+        return self.synchronous
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally inside the block; the first backward after it synchronizes."""
@@ -62,17 +72,36 @@ class Runtime:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
 
     def train_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFunction | None = None
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFunction | None = None,
+        *,
+        microbatches: int = 1,
     ) -> float:
-        """Forward, loss, backward (the strategy's hooks communicate); the global mean loss on every rank.
+        """Forward, loss and backward of one batch (the strategy's hooks communicate); the global mean loss.
 
-        ``loss_fn(output, targets)`` returns this rank's mean loss; None: token cross-entropy. The
-        optimizer step stays the caller's. Strategies that cannot run a plain backward (pipelines)
-        override this.
+        The batch is cut into ``microbatches`` equal chunks along dim 0 and their gradients accumulate
+        (each chunk's loss divided by ``microbatches``); all but the last run under ``no_sync`` where
+        the strategy defers communication (``supports_no_sync``). ``loss_fn(output, targets)`` returns a
+        chunk's mean loss; None: token cross-entropy. Returns the mean over the global batch, reduced
+        once (:meth:`mean_loss`). The optimizer step stays the caller's.
         """
-        loss = (loss_fn or token_cross_entropy)(self.module(inputs), targets)
-        loss.backward()
-        return self.mean_loss(loss.detach())
+        chunks = split_microbatches(inputs, targets, microbatches)
+        total = torch.zeros((), dtype=torch.float32, device=inputs.device)
+        for i, (x, y) in enumerate(chunks):
+            defer = i < len(chunks) - 1 and self.supports_no_sync
+            with self.no_sync() if defer else contextlib.nullcontext():
+                loss = self.forward_loss(x, y, loss_fn) / len(chunks)
+                loss.backward()
+            total += loss.detach().float()
+        return self.mean_loss(total)
+
+    def forward_loss(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFunction | None
+    ) -> torch.Tensor:
+        """This rank's mean loss of one chunk, ready for backward (tensor parallelism: on vocabulary shards)."""
+        return (loss_fn or token_cross_entropy)(self.module(inputs), targets)
 
     def mean_loss(self, loss: torch.Tensor) -> float:
         """This rank's mean loss averaged over the data-parallel ranks (one 4-byte all-reduce on them).
@@ -87,11 +116,47 @@ class Runtime:
         group.all_reduce(loss, op="avg")
         return loss.item()
 
+    def loss_bytes(self) -> int:
+        """Bytes this rank sends reducing ``train_step``'s loss (:meth:`mean_loss`: 4 bytes all-reduced over dp)."""
+        group = self.dp_group if self.dp_group is not None else current().world
+        if not self.synchronous or group.size == 1:
+            return 0
+        return bus_bytes("all_reduce", 4, group.size)
+
+    def mesh_sizes(self) -> dict[str, int] | None:
+        """The degree of each mesh axis (``{"dp": 2, "pp": 1, "tp": 2}``) when the strategy lays out a mesh; else None."""
+        return None
+
+    def summary_group(self) -> Group:
+        """The ranks a run summary gathers per-rank figures (peak memory) over: every rank training this model.
+
+        Default: the data-parallel ranks (a parameter server's servers have left by the end); a mesh's whole world.
+        """
+        return self.dp_group if self.dp_group is not None else current().world
+
+    def gradient_squares(self, counted: Callable[[nn.Parameter], bool] | None = None) -> torch.Tensor:
+        """The sum of squares (fp32, 0-d) of the gradient after backward, each element counted once over the dp ranks.
+
+        ``counted(param)`` limits it to the parameters it accepts (a mesh counts a tensor-parallel
+        replica once). Runtimes that shard gradients all-reduce their shards' sums on the dp group;
+        here the gradients are replicated (no communication).
+        """
+        grads = [
+            p.grad for p in self.module.parameters() if p.grad is not None and (counted is None or counted(p))
+        ]
+        return sum_of_squares(grads)
+
+    def scale_gradients_(self, coef: torch.Tensor) -> None:
+        """Multiply every gradient this rank holds (the ones the optimizer steps on) by ``coef``."""
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale gradients so their global L2 norm is at most ``max_norm``; return the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(
-            [p for p in self.module.parameters() if p.grad is not None], max_norm
-        )
+        total = self.gradient_squares().sqrt()
+        self.scale_gradients_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
 
     def theory_bytes_per_step(self) -> int:
         """Bytes one rank should send per optimizer step by the algorithm's theory (0: no communication)."""
@@ -110,8 +175,33 @@ class Runtime:
         """Held while a checkpoint copies this rank's pieces (a strategy whose state changes in the background locks it)."""
         return contextlib.nullcontext()
 
+    optimizer_state_elsewhere: bool = False
+    """Whether the optimizer ``plait.setup`` returned on this rank holds no state (another rank steps)."""
+    saves_in_background: bool = True
+    """Whether ``plait.checkpoint.save(blocking=False)`` may write in the background here (else it blocks)."""
+
+    def begin_checkpoint(self, kind: str, directory: str, step: int) -> None:
+        """Called by ``plait.checkpoint.save`` / ``load`` ("save" / "load") before their first collective.
+
+        A runtime whose other ranks are busy elsewhere brings them in here (dedicated parameter
+        servers take their part in the checkpoint when every worker has asked).
+        """
+
     def after_checkpoint_load(self) -> None:
         """Bring derived copies (compute-dtype parameters, gathered replicas) up to the loaded values."""
+
+    @property
+    def loss_scaler(self) -> DynamicLossScaler | None:
+        """fp16's dynamic loss scaler, whose scale and growth interval a caller may set; None without fp16."""
+        return None
+
+    def finish_training(self) -> None:
+        """This rank has taken its last step: release, without waiting, what other ranks still need of it.
+
+        Called before any closing collective (a run summary), where a rank may wait long for a
+        straggler: a parameter-server worker tells the servers it is done, so they stop expecting
+        its pushes. Idempotent; ``plait.shutdown`` does it too.
+        """
 
     def metrics(self) -> dict[str, Any]:
         """Strategy-specific figures for the per-step metrics (staleness, synchronizations, ...)."""
@@ -154,6 +244,19 @@ class Strategy:
     def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context) -> Runtime:
         raise NotImplementedError
 
+    def model_state_bytes(self, params: float, world: int, k: float = 12.0) -> float | None:
+        """Bytes of parameters, gradients and optimizer state per device by the ZeRO paper's accounting
+        (Rajbhandari et al., SC'20, section 3.1: 2 + 2 + K bytes per parameter, mixed-precision Adam with
+        K = 12), over ``world`` data-parallel devices; None where the paper has no formula."""
+        return None
+
+    def for_batch(self, world_size: int, batch_size: int, micro_batch: int) -> Strategy:
+        """This strategy as it runs a trainer's steps of ``batch_size`` sequences, ``micro_batch`` at a time.
+
+        Default: unchanged. A pipeline takes its micro-batch count from them.
+        """
+        return self
+
 
 class PlaitModule:
     """Methods ``plait.setup`` adds to the user's module (mixed in ahead of its own class)."""
@@ -169,15 +272,22 @@ class PlaitModule:
         return self._plait_runtime.no_sync()
 
     def train_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: LossFunction | None = None
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: LossFunction | None = None,
+        *,
+        microbatches: int = 1,
     ) -> float:
         """Forward, loss and backward of one batch under the strategy (a pipeline runs its schedule).
 
-        ``loss_fn(output, targets)`` -> mean loss; None: token cross-entropy (vocabulary-parallel
-        under tensor parallelism). Returns the global mean loss, the same float on every rank.
-        Call ``optimizer.step()`` after it, as after ``loss.backward()``.
+        ``microbatches`` equal chunks of dim 0 accumulate gradients (without communication until the
+        last, where the strategy allows); a pipeline runs its schedule over them. ``loss_fn(output,
+        targets)`` -> mean loss; None: token cross-entropy (vocabulary-parallel under tensor
+        parallelism). Returns the global mean loss, reduced once, the same float on every rank
+        (asynchronous strategies: this rank's). Call ``optimizer.step()`` after it.
         """
-        return self._plait_runtime.train_step(inputs, targets, loss_fn)
+        return self._plait_runtime.train_step(inputs, targets, loss_fn, microbatches=microbatches)
 
     @property
     def dp_rank(self) -> int:
@@ -244,20 +354,38 @@ def group_ordered(model: nn.Module, optimizer: Any) -> list[list[nn.Parameter]]:
     return groups
 
 
-def clip_flat_grads_(grads: list[torch.Tensor], max_norm: float, sum_squares: Any = None) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` over flat gradient tensors: one norm per tensor, not per parameter.
+def group_index(groups: list[list[nn.Parameter]]) -> dict[nn.Parameter, int]:
+    """Each parameter's optimizer group, from :func:`group_ordered`'s lists."""
+    return {p: g for g, members in enumerate(groups) for p in members}
 
-    ``sum_squares``, when given, turns this rank's sum of squares into the global one (an all-reduce
-    over the ranks that hold disjoint shards); replicated gradients need none.
-    """
-    squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]).sum()
-    if sum_squares is not None:
-        squares = sum_squares(squares)
-    total = squares.sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
-    return total
+
+def regroup(param_groups: list[dict[str, Any]], params_by_group: list[list[Any]]) -> list[dict[str, Any]]:
+    """The same optimizer groups (every hyperparameter) over other parameters, group by group."""
+    return [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": params}
+        for group, params in zip(param_groups, params_by_group)
+    ]
+
+
+def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The fp32 sum of squares of ``grads``: one norm per tensor (flat buffers make that one per buffer)."""
+    if not grads:
+        return torch.zeros(())
+    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]).sum()
+
+
+def split_microbatches(
+    inputs: torch.Tensor, targets: torch.Tensor, microbatches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``microbatches`` equal chunks of a batch along dim 0; ConfigError if it does not split evenly."""
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise ConfigError(f"microbatches={microbatches!r} must be a positive integer")
+    if inputs.shape[0] % microbatches:
+        raise ConfigError(
+            f"the local batch of {inputs.shape[0]} does not split into microbatches={microbatches}; "
+            f"use a local batch that is a multiple of {microbatches}"
+        )
+    return list(zip(inputs.chunk(microbatches), targets.chunk(microbatches)))
 
 
 def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype) -> None:

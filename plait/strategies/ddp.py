@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -35,20 +36,25 @@ from torch import nn
 from plait.buffers import Bucket, FlatBuffer, make_buckets
 from plait.checkpoint.format import Piece
 from plait.checkpoint.pieces import model_pieces
-from plait.comm import Context, Group, Handle
+from plait.comm import Context, Handle
+from plait.comm.mesh import Mesh
 from plait.errors import ConfigError
-from plait.precision import DynamicLossScaler, parse_dtype, parse_mixed_precision
+from plait.precision import DynamicLossScaler, parse_dtype, parse_mixed_precision, scale_output_gradients
 from plait.strategies.base import (
     Runtime,
     Strategy,
     cast_frozen_parameters,
-    clip_flat_grads_,
     flat_names,
+    group_index,
     group_ordered,
     parameter_names,
+    sum_of_squares,
 )
 from plait.strategies.bucketing import GradientBuckets
-from plait.strategies.master import MasterWeights, flat_segments, pieces_of, scale_output_gradients
+from plait.strategies.compression import Compression, parse_compression
+from plait.strategies.compression.reducer import GradientReducer, reducer_for
+from plait.strategies.data_parallel import DataParallelRuntime, replicate_from_rank0
+from plait.strategies.master import MasterWeights, flat_segments, pieces_of
 
 _MIB = 2**20
 
@@ -68,41 +74,42 @@ class DDP(Strategy):
     (plait.precision describes the policy); "fp16" adds dynamic loss scaling."""
     find_unused_parameters: bool = False
     """Tolerate parameters that get no gradient in a backward (treated as zero) instead of raising."""
+    compression: str | Compression | None = None
+    """Gradient compression: None, "bf16", "powersgd", "sign" or a plait.PowerSGD / plait.Sign."""
+    hierarchical: bool = False
+    """Average within each host first, then across hosts on 1/L of the bytes (L ranks per host)."""
 
     def __post_init__(self) -> None:
         if not self.bucket_mb > 0:
             raise ConfigError(f"bucket_mb={self.bucket_mb} must be > 0 (the default is 25)")
         parse_dtype(self.grad_dtype, "grad_dtype")
         parse_mixed_precision(self.mixed_precision)
+        if parse_compression(self.compression) is not None and self.grad_dtype is not None:
+            raise ConfigError(
+                f"grad_dtype={self.grad_dtype!r} and compression={self.compression!r} both set the wire "
+                "format; drop grad_dtype (compression='bf16' sends bf16)"
+            )
+
+    def model_state_bytes(self, params: float, world: int, k: float = 12.0) -> float:
+        """Every device holds everything: (2 + 2 + K) Psi."""
+        return (2 + 2 + k) * params
 
     def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context) -> Runtime:
-        return DDPRuntime(self, model, optimizer, ctx.world)
+        return self.runtime(model, optimizer, Mesh(ctx))
+
+    def runtime(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh: Mesh) -> Runtime:
+        """DDP over the ``dp`` axis of ``mesh`` (what ``apply`` and a mesh's dp axis build)."""
+        return DDPRuntime(self, model, optimizer, mesh)
 
 
-def replicate_from_rank0(model: nn.Module, buffers: list[FlatBuffer], group: Group) -> None:
-    """Make every replica equal to rank 0's: one broadcast per flat buffer, one per dtype for the rest."""
-    for flat in buffers:
-        group.broadcast(flat.data, src=0)
-    flat_ids = {id(p) for flat in buffers for p in flat.params}
-    rest = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in flat_ids]
-    for dtype in {t.dtype for t in rest}:
-        tensors = [t for t in rest if t.dtype == dtype]
-        packed = torch.cat([t.detach().reshape(-1) for t in tensors])
-        group.broadcast(packed, src=0)
-        for t, chunk in zip(tensors, packed.split([t.numel() for t in tensors])):
-            t.data.copy_(chunk.view_as(t))
-
-
-class DDPRuntime(Runtime):
+class DDPRuntime(DataParallelRuntime):
     """The flat buffers, their buckets, the all-reduces in flight, and (mixed precision) the fp32 master."""
 
     theory = "ring all-reduce 2(N-1)/N x gradient bytes"
 
-    def __init__(
-        self, strategy: DDP, module: nn.Module, optimizer: torch.optim.Optimizer | None, group: Group
-    ):
-        super().__init__(strategy, module, optimizer)
-        self.group = group
+    def __init__(self, strategy: DDP, module: nn.Module, optimizer: torch.optim.Optimizer | None, mesh: Mesh):
+        super().__init__(strategy, module, optimizer, mesh)
+        group = self.group
         compute = parse_mixed_precision(strategy.mixed_precision)
         if compute is not None and optimizer is None:
             raise ConfigError(
@@ -119,14 +126,13 @@ class DDPRuntime(Runtime):
         replicate_from_rank0(module, self.buffers, group)
         self.comm_dtype = parse_dtype(strategy.grad_dtype, "grad_dtype")
 
-        self.master = None
         if compute is not None:
-            group_of = {p: g for g, group_params in enumerate(groups) for p in group_params}
+            group_of = group_index(groups)
             self.master = MasterWeights(
                 [piece for flat in self.buffers for piece in pieces_of(flat, group_of)],
                 optimizer,
                 self.buffers[0].data.device,
-                group,
+                self.skip_group,
                 DynamicLossScaler() if compute == torch.float16 else None,
             )
             offset = 0
@@ -156,10 +162,21 @@ class DDPRuntime(Runtime):
             on_unused=self._zero_unused,
             on_synced=self._synced if self.master is not None else None,
         )
+        self.reducer: GradientReducer | None = reducer_for(strategy, mesh)
+        if self.reducer is not None:
+            self.theory = self.reducer.describe()
+            for k, (flat, bucket) in enumerate(self.buckets):
+                layout = [
+                    (flat.offsets[i] - bucket.start, tuple(flat.params[i].shape)) for i in bucket.params
+                ]
+                grad = flat.grad
+                self.reducer.register(k, bucket.stop - bucket.start, grad.element_size(), layout, grad.device)
 
     def _launch(self, k: int) -> Handle:
         flat, bucket = self.buckets[k]
         grad = flat.grad[bucket.start : bucket.stop]
+        if self.reducer is not None:
+            return self.reducer.all_reduce(k, grad)
         if self.comm_dtype is None or self.comm_dtype == grad.dtype:
             return self.group.all_reduce(grad, op="avg", async_op=True)
         # pre-divide in the gradients' precision, then sum in the communication dtype
@@ -196,12 +213,35 @@ class DDPRuntime(Runtime):
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return self.schedule.no_sync()
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """The gradients are replicated after backward: clip with no communication."""
+    def _reduced_gradients(self) -> list[torch.Tensor]:
+        """The gradients the optimizer steps on: the fp32 master's, or each flat buffer's (padding excluded)."""
         if self.master is not None:
             self.master.unscale()
-            return clip_flat_grads_([self.master.grad], max_norm)
-        return clip_flat_grads_([flat.grad[: flat.numel] for flat in self.buffers], max_norm)
+            return [self.master.grad]
+        return [flat.grad[: flat.numel] for flat in self.buffers]
+
+    def gradient_squares(self, counted: Callable[[nn.Parameter], bool] | None = None) -> torch.Tensor:
+        """The gradients are replicated after backward: no communication."""
+        if counted is None:
+            return sum_of_squares(self._reduced_gradients())
+        grads = self._reduced_gradients()
+        if self.master is None:
+            return sum_of_squares(
+                [flat.grad_views[i] for flat in self.buffers for i, p in enumerate(flat.params) if counted(p)]
+            )
+        offset, views = 0, []
+        for flat in self.buffers:
+            views += [
+                grads[0][offset + o : offset + o + n]
+                for o, n, p in zip(flat.offsets, flat.numels, flat.params)
+                if counted(p)
+            ]
+            offset += flat.numel
+        return sum_of_squares(views)
+
+    def scale_gradients_(self, coef: torch.Tensor) -> None:
+        for grad in self._reduced_gradients():
+            grad.mul_(coef.to(grad.dtype))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         state = super().full_state_dict()
@@ -221,20 +261,28 @@ class DDPRuntime(Runtime):
         return [flat.grad for flat in self.buffers]
 
     def checkpoint_pieces(self, optimizer: object) -> list[Piece]:
+        compressed = self.reducer.checkpoint_pieces(self.group.rank) if self.reducer is not None else []
         if self.master is None:
-            return super().checkpoint_pieces(optimizer)
+            return super().checkpoint_pieces(optimizer) + compressed
         trainable = {id(p) for flat in self.buffers for p in flat.params}
         segments, offset = [], 0
         for flat in self.buffers:  # the fp32 master covers every trainable parameter, replicated
             segments += flat_segments(flat, 0, flat.numel, offset)
             offset += flat.numel
-        return model_pieces(self.module, trainable) + self.master.checkpoint_pieces(segments, replicated=True)
+        master = self.master.checkpoint_pieces(segments, replicated=True)
+        return model_pieces(self.module, trainable) + master + compressed
 
     def after_checkpoint_load(self) -> None:
         if self.master is not None:
             self._copy_master_to_model()
 
+    def buffer_tensors(self) -> list[torch.Tensor]:
+        """Error-feedback residuals and PowerSGD's Q, when compressing."""
+        return self.reducer.memory_tensors() if self.reducer is not None else []
+
     def theory_bytes_per_step(self) -> int:
+        if self.reducer is not None:
+            return self.reducer.theory_bytes()
         world = self.group.size
         total = 0
         for flat in self.buffers:

@@ -1,25 +1,24 @@
 """The fp32 master copy a rank updates, and the optimizer rebuilt to step on it.
 
 Under mixed precision (and under ZeRO, where a rank updates only its shard) the tensors the
-optimizer steps on are not the model's parameters: they are fp32 "master" pieces that mirror the
+optimizer steps on are not the model's parameters: they are fp32 "master" runs that mirror the
 slices of the model's flat buffers this rank owns. :class:`MasterWeights` holds them as one
-contiguous fp32 tensor (and one for their gradients), cut into pieces:
+contiguous fp32 tensor (and one for their gradients), cut into runs:
 
-    master.data = [ piece | piece | padding | piece | ... ]      one piece per (slice, optimizer group)
+    master.data = [ run | run | padding | run | ... ]      one run per (slice, optimizer group)
 
 Padding mirrors the flat buffers' padding so a reduce-scatter can write a bucket's shard straight
 into ``master.grad``; it belongs to no parameter and stays zero.
 
 The user's optimizer was built (by the factory passed to ``plait.setup``) over the model's
 parameters; it tells us its class, defaults and per-group hyperparameters. It is rebuilt with the
-same class and hyperparameters over the master pieces, group by group, so each group's pieces form
+same class and hyperparameters over the master runs, group by group, so each group's runs form
 one flat run and the update stays one fused call per group.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +29,8 @@ from plait.checkpoint.format import flat_range_pieces
 from plait.comm import Group
 from plait.errors import ConfigError
 from plait.optim import FlatOptimizer
-from plait.precision import DynamicLossScaler, nonfinite
+from plait.precision import DynamicLossScaler, unscale_and_check
+from plait.strategies.base import regroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,8 @@ class Segment:
 
 
 @dataclasses.dataclass(frozen=True)
-class Piece:
-    """``numel`` elements of the master, belonging to optimizer group ``group`` (None: padding)."""
+class GroupRun:
+    """``numel`` consecutive elements of the master, belonging to optimizer group ``group`` (None: padding)."""
 
     numel: int
     group: int | None
@@ -56,10 +56,7 @@ def rebuild_optimizer(
     user: torch.optim.Optimizer, params_by_group: list[list[nn.Parameter]]
 ) -> torch.optim.Optimizer:
     """The same optimizer class and hyperparameters as ``user``, over new parameters, group by group."""
-    groups = [
-        {**{k: v for k, v in group.items() if k != "params"}, "params": params}
-        for group, params in zip(user.param_groups, params_by_group)
-    ]
+    groups = regroup(user.param_groups, params_by_group)
     try:
         return type(user)(groups, **user.defaults)
     except TypeError as e:
@@ -70,18 +67,18 @@ def rebuild_optimizer(
 
 
 class MasterWeights:
-    """fp32 pieces this rank updates, their gradients, and the optimizer over them.
+    """fp32 runs this rank updates, their gradients, and the optimizer over them.
 
     ``chunks``: where the values live, when they are not a copy. ZeRO-1/2 in full precision step on
     the model's own shard of each bucket in place: a separate fp32 master would only duplicate it
-    and add a copy to every all-gather. The chunks, in order, cover the pieces (no piece straddles
+    and add a copy to every all-gather. The chunks, in order, cover the runs (no run straddles
     two); the optimizer then steps run by run, one fused update per chunk and group. The gradient
     is always one contiguous tensor of this class's own.
     """
 
     def __init__(
         self,
-        pieces: list[Piece],
+        runs: list[GroupRun],
         user_optimizer: torch.optim.Optimizer,
         device: torch.device,
         group: Group,
@@ -89,7 +86,7 @@ class MasterWeights:
         release_grads: bool = False,
         chunks: list[torch.Tensor] | None = None,
     ) -> None:
-        total = sum(p.numel for p in pieces)
+        total = sum(r.numel for r in runs)
         self.grad = torch.zeros(total, dtype=torch.float32, device=device)
         if chunks is None:
             self.data: torch.Tensor | None = torch.zeros(total, dtype=torch.float32, device=device)
@@ -98,26 +95,26 @@ class MasterWeights:
             self.data = None  # no storage of its own: the values are the chunks
             if sum(c.numel() for c in chunks) != total or release_grads:
                 raise ValueError(
-                    "chunks must cover the pieces exactly, and in-place values keep their gradients"
+                    "chunks must cover the runs exactly, and in-place values keep their gradients"
                 )
         self.chunks = chunks
         self.chunk_starts = [0]
         for chunk in chunks[:-1]:
             self.chunk_starts.append(self.chunk_starts[-1] + chunk.numel())
-        self.pieces = pieces
+        self.runs = runs
         self.buffers: list[FlatBuffer] = []
         by_group: list[list[nn.Parameter]] = [[] for _ in user_optimizer.param_groups]
         placed = [([], []) for _ in chunks]  # per chunk: parameters, their offsets in it
         offset = 0
-        for piece in pieces:
-            if piece.group is not None:
-                c = self._chunk_of(offset, offset + piece.numel)
+        for run in runs:
+            if run.group is not None:
+                c = self._chunk_of(offset, offset + run.numel)
                 lo = offset - self.chunk_starts[c]
-                param = nn.Parameter(chunks[c][lo : lo + piece.numel])
+                param = nn.Parameter(chunks[c][lo : lo + run.numel])
                 placed[c][0].append(param)
                 placed[c][1].append(lo)
-                by_group[piece.group].append(param)
-            offset += piece.numel
+                by_group[run.group].append(param)
+            offset += run.numel
         for c, (params, offsets) in enumerate(placed):
             if params:
                 start = self.chunk_starts[c]
@@ -154,7 +151,7 @@ class MasterWeights:
         return [self.data] if self.data is not None else []
 
     def attach_grads(self) -> None:
-        """Point each piece's ``.grad`` at ``master.grad`` again (a torch optimizer may have set it to None)."""
+        """Point each run's ``.grad`` at ``master.grad`` again (a torch optimizer may have set it to None)."""
         for buffer in self.buffers:
             buffer.attach_grads()
 
@@ -175,7 +172,7 @@ class MasterWeights:
                         for name, value in self.optimizer.state.get(param, {}).items()
                         if isinstance(value, torch.Tensor)
                     }
-        raise ValueError(f"master elements [{lo}, {hi}) span more than one optimizer piece")
+        raise ValueError(f"master elements [{lo}, {hi}) span more than one optimizer run")
 
     def checkpoint_pieces(self, segments: list[Segment], replicated: bool = False) -> list[CheckpointPiece]:
         """Model values (fp32) and optimizer state of every segment, as checkpoint pieces."""
@@ -223,12 +220,7 @@ class MasterWeights:
             return
         self._unscaled = True
         self.ensure_grads()
-        self.grad.div_(scaler.scale)
-        found = nonfinite([self.grad])
-        self.group.all_reduce(found, op="max")
-        found_inf = bool(found.item())
-        scaler.update(found_inf)
-        if found_inf:
+        if unscale_and_check(self.grad, scaler, self.group):
             self.optimizer.skip_next_step()
 
     def _after_step(self) -> None:
@@ -237,32 +229,29 @@ class MasterWeights:
             self.release_grads()
 
 
-def pieces_of(flat: FlatBuffer, group_of: dict[nn.Parameter, int]) -> list[Piece]:
-    """``flat``'s layout as master pieces: runs of consecutive parameters of one group, then its padding."""
-    pieces: list[Piece] = []
-    for p in flat.params:
+def owned_runs(flat: FlatBuffer, owned: slice, group_of: dict[nn.Parameter, int]) -> list[GroupRun]:
+    """The master layout of ``flat``'s elements ``owned``: runs of one optimizer group, then any padding."""
+    runs: list[GroupRun] = []
+    covered = 0
+    for p, offset, numel in zip(flat.params, flat.offsets, flat.numels):
+        overlap = min(offset + numel, owned.stop) - max(offset, owned.start)
+        if overlap <= 0:
+            continue
+        covered += overlap
         group = group_of[p]
-        if pieces and pieces[-1].group == group:
-            pieces[-1] = Piece(pieces[-1].numel + p.numel(), group)
+        if runs and runs[-1].group == group:
+            runs[-1] = GroupRun(runs[-1].numel + overlap, group)
         else:
-            pieces.append(Piece(p.numel(), group))
-    if flat.data.numel() > flat.numel:
-        pieces.append(Piece(flat.data.numel() - flat.numel, None))
-    return pieces
+            runs.append(GroupRun(overlap, group))
+    padding = (owned.stop - owned.start) - covered
+    if padding:
+        runs.append(GroupRun(padding, None))
+    return runs
 
 
-def scale_output_gradients(module: nn.Module, scaler: DynamicLossScaler) -> None:
-    """fp16 loss scaling without touching the user's loop: the gradient entering each output is multiplied by the scale."""
-
-    def scale(grad: torch.Tensor) -> torch.Tensor:
-        return grad * scaler.scale
-
-    def after_forward(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        for tensor in torch.utils._pytree.tree_leaves(output):
-            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                tensor.register_hook(scale)
-
-    module.register_forward_hook(after_forward)
+def pieces_of(flat: FlatBuffer, group_of: dict[nn.Parameter, int]) -> list[GroupRun]:
+    """All of ``flat`` (its padding too) as master runs."""
+    return owned_runs(flat, slice(0, flat.data.numel()), group_of)
 
 
 def flat_segments(flat: FlatBuffer, lo: int, hi: int, master_lo: int) -> list[Segment]:

@@ -27,17 +27,15 @@ the schedule, as Megatron's embedding group does, so both copies take the same s
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from plait.comm import Context, Group, Handle
-from plait.errors import ConfigError, require_divisor
-from plait.strategies.base import Runtime, Strategy
+from plait.comm import Group, Handle
+from plait.errors import ConfigError
+from plait.strategies.base import split_microbatches
 
 SCHEDULES = ("1f1b", "gpipe")
 Layer = tuple[tuple[str, ...], Callable[[torch.Tensor], torch.Tensor]]
@@ -113,6 +111,25 @@ def check_pipeline(
             f"boundaries={boundaries} must be {stages - 1} increasing layer indices in [1, {n - 1}]: "
             "where each stage after the first begins"
         )
+
+
+def pipeline_microbatches(stages: int, dp: int, batch_size: int, micro_batch: int) -> int:
+    """Micro-batches per step when each of ``dp`` pipelines takes ``batch_size / dp`` sequences, ``micro_batch``
+    at a time; at least ``stages`` of them, or a ConfigError naming the micro_batch (or batch_size) that fits."""
+    per_step = dp * micro_batch
+    if stages > 1 and batch_size // per_step < stages:
+        local = batch_size // dp
+        fits = [str(m) for m in range(1, local + 1) if local % m == 0 and local // m >= stages]
+        raise ConfigError(
+            f"pp={stages} stages need at least {stages} micro-batches per step, but batch_size / (dp x micro_batch) "
+            f"= {batch_size} / ({dp} x {micro_batch}) gives {batch_size // per_step}; "
+            + (
+                f"use a micro_batch in {{{', '.join(fits)}}}"
+                if fits
+                else f"use a batch_size of at least {dp * stages}"
+            )
+        )
+    return max(1, batch_size // per_step)
 
 
 def schedule_actions(kind: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
@@ -204,8 +221,9 @@ class PipelineSchedule:
     """Runs one step's micro-batches through a stage under a schedule; measures the bubble."""
 
     def __init__(self, stage: PipelineStage, group: Group, microbatches: int, kind: str) -> None:
-        self.stage, self.group, self.microbatches = stage, group, microbatches
-        self.actions = schedule_actions(kind, stage.stage, stage.stages, microbatches)
+        self.stage, self.group, self.kind = stage, group, kind
+        self.microbatches = microbatches
+        """Micro-batches of the last step (the schedule's default until one ran)."""
         self.bubble = 0.0
         """Idle fraction of the pipeline in the last step (the same on every stage; see the module doc)."""
         self.peak_in_flight = 0
@@ -229,30 +247,43 @@ class PipelineSchedule:
         self._idle += time.perf_counter() - start
         return buffer
 
-    def run(self, inputs: torch.Tensor, targets: torch.Tensor, forward_loss: ForwardLoss) -> torch.Tensor:
-        """Forward and backward every micro-batch; the summed loss (of means / m) on the last stage, else 0."""
-        m, stage = self.microbatches, self.stage
-        if inputs.shape[0] % m:
+    def run(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        forward_loss: ForwardLoss,
+        microbatches: int | None = None,
+        loss_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Forward and backward every micro-batch; the summed loss (of means / m) on the last stage, else 0.
+
+        ``microbatches``: m for this step (default: the schedule's). ``loss_scale`` multiplies the
+        loss before backward (fp16 loss scaling; the returned loss is not scaled).
+        """
+        m, stage = microbatches or self.microbatches, self.stage
+        if m < stage.stages:
             raise ConfigError(
-                f"the local batch of {inputs.shape[0]} does not split into microbatches={m}; "
-                f"use a local batch that is a multiple of {m}"
+                f"microbatches={m} is fewer than pp={stage.stages} stages: the pipeline never fills; "
+                f"use microbatches >= {stage.stages}"
             )
-        xs, ys = inputs.chunk(m), targets.chunk(m)
+        chunks = split_microbatches(inputs, targets, m)
+        self.microbatches = m
         saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         total = torch.zeros((), device=self.group.device)
         self._idle, self.peak_in_flight, shape = 0.0, 0, None
         start = time.perf_counter()
-        for kind, i in self.actions:
+        for kind, i in schedule_actions(self.kind, stage.stage, stage.stages, m):
             if kind == "F":
                 if stage.first:
-                    x = xs[i]
+                    x = chunks[i][0]
                 else:
                     if shape is None:
                         shape = read_header(self._recv((_HEADER,), torch.int64, stage.stage - 1))
                     x = self._recv(*shape, stage.stage - 1).requires_grad_()
                 if stage.last:
-                    out = forward_loss(lambda x=x: stage.forward(x), ys[i]) / m
-                    total += out.detach()
+                    out = forward_loss(lambda x=x: stage.forward(x), chunks[i][1]) / m
+                    total += out.detach().float()
+                    out = out * loss_scale if loss_scale != 1.0 else out
                 else:
                     out = stage.forward(x)
                     if i == 0:
@@ -274,14 +305,13 @@ class PipelineSchedule:
         self._busy, self._wall = end - start - self._idle - (end - waited), end - start
         return total
 
-    def finish_step(self, loss: torch.Tensor) -> torch.Tensor:
-        """The last stage's loss on every stage, and the bubble: one all-gather of 3 numbers per stage."""
-        mine = torch.tensor([float(loss), self._busy, self._wall], dtype=torch.float64)
-        everyone = torch.empty(3 * self.stage.stages, dtype=torch.float64)
-        self.group.all_gather(everyone, mine)
-        loss_, busy, wall = everyone.view(-1, 3).unbind(1)
+    def step_figures(self, loss: torch.Tensor) -> torch.Tensor:
+        """This stage's [loss, busy seconds, wall seconds] of the last step (float64), for one gather."""
+        return torch.tensor([float(loss), self._busy, self._wall], dtype=torch.float64)
+
+    def record_bubble(self, busy: torch.Tensor, wall: torch.Tensor) -> None:
+        """The bubble from every stage's busy and wall seconds of the last step (this pipeline's stages)."""
         self.bubble = 1.0 - busy.mean().item() / wall.max().item()
-        return loss_[-1].to(loss.dtype)
 
     def broadcast_from_last(self, tensor: torch.Tensor | None) -> torch.Tensor:
         """Every stage gets the last stage's tensor: two broadcasts on the group, its header and itself."""
@@ -328,45 +358,3 @@ class PipelineSchedule:
                 for k, piece in zip(mine, packed.split([shapes[k][0].numel() for k in mine])):
                     full[k] = piece.view(shapes[k][0]).clone()
         return full
-
-
-@dataclasses.dataclass(frozen=True)
-class Pipeline(Strategy):
-    """Pipeline parallelism over groups of ``stages`` ranks; data parallelism (DDP) across the groups."""
-
-    name: ClassVar[str] = "pp"
-
-    stages: int = 2
-    """Pipeline stages p, one rank each; the world size must be a multiple of it."""
-    microbatches: int = 4
-    """Micro-batches m per step (at least p); the local batch must split evenly. Bubble: (p-1)/(m+p-1)."""
-    schedule: str = "1f1b"
-    """"1f1b" (PipeDream-Flush: activations of at most p micro-batches alive) or "gpipe" (all m)."""
-    boundaries: tuple[int, ...] | None = None
-    """Index in the layer list where each stage after the first begins; None: balance parameters."""
-
-    def __post_init__(self) -> None:
-        for name in ("stages", "microbatches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r} is not known; use one of {SCHEDULES}")
-
-    def _as_hybrid(self, ctx: Context) -> Strategy:
-        from plait.strategies.hybrid import Hybrid  # hybrid composes this module with the others
-
-        require_divisor("pp", self.stages, ctx.world_size, "stages")
-        return Hybrid(
-            dp=ctx.world_size // self.stages,
-            pp=self.stages,
-            microbatches=self.microbatches,
-            schedule=self.schedule,
-            boundaries=self.boundaries,
-        )
-
-    def validate(self, ctx: Context, model: nn.Module) -> None:
-        self._as_hybrid(ctx).validate(ctx, model)
-
-    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context) -> Runtime:
-        return self._as_hybrid(ctx).apply(model, optimizer, ctx)

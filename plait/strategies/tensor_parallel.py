@@ -13,7 +13,8 @@ splits the same way, by heads: q|k|v column-parallel, the output projection row-
 vocabulary is split too: the embedding table by rows (token ids), the output head by columns, and the
 cross-entropy is computed on vocabulary shards without ever gathering the logits.
 
-Every collective runs on the tensor-parallel :class:`~plait.comm.Group` passed in.
+Every collective runs on the tensor-parallel :class:`~plait.comm.Group` passed in; the operators f, g,
+the gathers and the vocabulary-parallel cross-entropy are in :mod:`plait.strategies.tp_ops`.
 """
 
 from __future__ import annotations
@@ -22,107 +23,28 @@ import contextlib
 import dataclasses
 import fnmatch
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.comm import Context, Group
-from plait.errors import ConfigError, divisors, require_divisor
-from plait.strategies.base import Runtime, Strategy
+from plait.checkpoint.format import Piece
+from plait.comm import Group
+from plait.errors import ConfigError, divisors
+from plait.models import hf
+from plait.strategies.tp_ops import (
+    copy_to_region,
+    gather_from_region,
+    reduce_from_region,
+    scatter_to_region,
+)
 
 STYLES = ("col", "row", "vocab", "qkv")
 """Plan styles: column-parallel Linear; row-parallel Linear (its input already split); the vocabulary
 split (an Embedding by rows, a Linear output head by columns, gathered for ``model(x)``); and a fused
-q|k|v column split, each of q, k, v split by heads (the parent module's ``n_head`` is divided by t)."""
-
-
-# -- the region operators (Megatron's mappings.py) ------------------------------------------------
-
-
-class _CopyToRegion(torch.autograd.Function):
-    """f: forward the identity; backward all-reduce (sum) the gradient over the group: 1 x its bytes."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        ctx.group.all_reduce(grad)
-        return grad, None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    """g: forward all-reduce (sum) the partial results over the group; backward the identity."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        out = x.clone(memory_format=torch.contiguous_format)
-        group.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-def _split_last(x: torch.Tensor, group: Group) -> torch.Tensor:
-    width = x.shape[-1] // group.size
-    return x[..., group.rank * width : (group.rank + 1) * width].contiguous()
-
-
-def _gather_last(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """All-gather (t x x.numel() elements) and concatenate along the last dim, rank order."""
-    x = x.contiguous()
-    out = torch.empty(group.size * x.numel(), dtype=x.dtype, device=x.device)
-    group.all_gather(out, x.view(-1))
-    return out.view(group.size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], group.size * x.shape[-1])
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    """Forward all-gather the last-dim shards into the whole tensor; backward keep this rank's slice."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _split_last(grad, ctx.group), None
-
-
-class _ScatterToRegion(torch.autograd.Function):
-    """Forward keep this rank's last-dim slice; backward all-gather the gradient slices."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather_last(grad, ctx.group), None
-
-
-def copy_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _CopyToRegion.apply(x, group)
-
-
-def reduce_from_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _ReduceFromRegion.apply(x, group)
-
-
-def gather_from_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _GatherFromRegion.apply(x, group)
-
-
-def scatter_to_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _ScatterToRegion.apply(x, group)
+q|k|v column split, each of q, k, v split by heads (the parent module's ``n_head``, or HF's ``num_heads``,
+is divided by t, and so is GPT-2's ``split_size``, the width of each of q, k, v). Besides ``nn.Linear``
+the Linear styles apply to GPT-2's ``Conv1D``, a Linear whose weight is stored transposed, as (in, out)."""
 
 
 # -- shards of a tensor -----------------------------------------------------------------------------
@@ -148,16 +70,24 @@ class ColumnParallelLinear(nn.Module):
     slice of the bias. Forward: f (gradient all-reduce in backward, B x T x in elements), the local
     matmul, and with ``gather_output`` an all-gather of the (B, T, out/t) outputs into (B, T, out).
     ``parts=3`` splits a fused q|k|v output so that each rank gets its heads of each of q, k and v.
+    ``transposed``: the weight is stored (in, out) as GPT-2's Conv1D stores it, its slice (in, out/t).
     """
 
     def __init__(
-        self, weight: nn.Parameter, bias: nn.Parameter | None, group: Group, gather_output: bool
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        group: Group,
+        gather_output: bool,
+        transposed: bool = False,
     ) -> None:
         super().__init__()
         self.weight, self.bias, self.group, self.gather_output = weight, bias, group, gather_output
+        self.transposed = transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_region(x, self.group), self.weight, self.bias)
+        weight = self.weight.t() if self.transposed else self.weight
+        y = F.linear(copy_to_region(x, self.group), weight, self.bias)
         return gather_from_region(y, self.group) if self.gather_output else y
 
 
@@ -167,20 +97,27 @@ class RowParallelLinear(nn.Module):
     ``weight`` is this rank's (out, in/t) slice. The input normally arrives split already (the output
     of a column-parallel layer, ``input_is_parallel``); else this rank's slice is taken (scatter).
     Forward: the local matmul, then g, an all-reduce of the (B, T, out) partial sums; the bias,
-    replicated, is added once after it. Backward: no communication.
+    replicated, is added once after it. Backward: no communication. ``transposed``: the weight is
+    stored (in, out) as GPT-2's Conv1D stores it, its slice (in/t, out).
     """
 
     def __init__(
-        self, weight: nn.Parameter, bias: nn.Parameter | None, group: Group, input_is_parallel: bool = True
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        group: Group,
+        input_is_parallel: bool = True,
+        transposed: bool = False,
     ) -> None:
         super().__init__()
         self.weight, self.bias, self.group = weight, bias, group
-        self.input_is_parallel = input_is_parallel
+        self.input_is_parallel, self.transposed = input_is_parallel, transposed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_region(x, self.group)
-        y = reduce_from_region(F.linear(x, self.weight), self.group)
+        weight = self.weight.t() if self.transposed else self.weight
+        y = reduce_from_region(F.linear(x, weight), self.group)
         return y + self.bias if self.bias is not None else y
 
 
@@ -202,45 +139,6 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.weight.shape[0])
         y = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_region(y, self.group)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """-log softmax(z)[y] per token, from logits z split along the vocabulary (Megatron's cross_entropy.py).
-
-    log softmax(z)[y] = z_y - m - log sum_v exp(z_v - m), m = max_v z_v. Two all-reduces over the
-    group: the max (N elements), then the target logit and the sum of exponentials together (2N).
-    Backward needs no communication: d loss / d z = softmax(z) - onehot(y), this rank's columns.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, group: Group) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        top = logits.max(dim=-1).values
-        group.all_reduce(top, op="max")
-        shifted = logits - top.unsqueeze(-1)
-        local = targets - group.rank * vocab
-        outside = (local < 0) | (local >= vocab)
-        local = local.masked_fill(outside, 0)
-        exp = shifted.exp()
-        picked_and_sum = torch.stack(
-            [shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0), exp.sum(-1)]
-        )
-        group.all_reduce(picked_and_sum)
-        picked, total = picked_and_sum
-        ctx.save_for_backward(exp.div_(total.unsqueeze(-1)), local, outside)
-        return total.log() - picked
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        softmax, local, outside = ctx.saved_tensors
-        onehot = F.one_hot(local, softmax.shape[-1]).to(softmax.dtype) * (~outside).unsqueeze(-1)
-        return (softmax - onehot) * grad.unsqueeze(-1), None, None
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group: Group) -> torch.Tensor:
-    """Mean token cross-entropy of (..., V/t) logit shards against (...) targets, equal on every rank."""
-    losses = _VocabParallelCrossEntropy.apply(logits.flatten(0, -2), targets.flatten(), group)
-    return losses.mean()
 
 
 # -- applying a plan --------------------------------------------------------------------------------
@@ -269,16 +167,24 @@ def _split_size(model: nn.Module, name: str, module: nn.Module, style: str) -> t
     """The size a style divides by t, and what to call it in an error."""
     if style == "qkv":
         parent = model.get_submodule(name.rpartition(".")[0])
-        if not hasattr(parent, "n_head"):
-            raise ConfigError(f"{name}: a 'qkv' split needs its parent module to have n_head")
-        return "n_head", parent.n_head
+        heads = next((a for a in _HEAD_COUNTS if hasattr(parent, a)), None)
+        if heads is None:
+            raise ConfigError(f"{name}: a 'qkv' split needs its parent module to have n_head or num_heads")
+        return heads, getattr(parent, heads)
     if isinstance(module, nn.Embedding):
         return ("vocab_size", module.num_embeddings) if style == "vocab" else ("", 0)
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, nn.Linear) and not hf.is_conv1d(module):
         return "", 0
+    out_features, in_features = module.weight.shape[::-1] if hf.is_conv1d(module) else module.weight.shape
     if style == "row":
-        return "in_features", module.in_features
-    return ("vocab_size" if style == "vocab" else "out_features"), module.out_features
+        return "in_features", in_features
+    return ("vocab_size" if style == "vocab" else "out_features"), out_features
+
+
+_HEAD_COUNTS = ("n_head", "num_heads")
+"""What an attention module calls its number of heads: plait's GPT, Hugging Face's."""
+_PER_RANK = (*_HEAD_COUNTS, "split_size")
+"""An attention module's sizes that a 'qkv' split divides by t (GPT-2's split_size: the width of q, k, v)."""
 
 
 def check_plan(model: nn.Module, plan: Mapping[str, str], size: int) -> None:
@@ -358,25 +264,32 @@ def apply_plan(model: nn.Module, plan: Mapping[str, str], group: Group) -> Tenso
         if isinstance(module, nn.Embedding):
             new = VocabParallelEmbedding(layout.shard(module.weight, 0), group)
         elif style == "row":
-            new = RowParallelLinear(layout.shard(module.weight, 1), module.bias, group)
+            transposed = hf.is_conv1d(module)
+            weight = layout.shard(module.weight, 0 if transposed else 1)
+            new = RowParallelLinear(weight, module.bias, group, transposed=transposed)
         else:
-            parts = 3 if style == "qkv" else 1
+            parts, transposed = (3 if style == "qkv" else 1), hf.is_conv1d(module)
             bias = layout.shard(module.bias, 0, parts) if module.bias is not None else None
-            new = ColumnParallelLinear(layout.shard(module.weight, 0, parts), bias, group, style == "vocab")
+            weight = layout.shard(module.weight, 1 if transposed else 0, parts)
+            new = ColumnParallelLinear(weight, bias, group, style == "vocab", transposed)
             if style == "vocab":
                 layout.heads.append(new)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, new)
         if style == "qkv":
-            parent.n_head //= group.size
+            for size in _PER_RANK:
+                if hasattr(parent, size):
+                    setattr(parent, size, getattr(parent, size) // group.size)
     return layout
 
 
 def resolve_plan(model: nn.Module, plan: Mapping[str, str] | None) -> Mapping[str, str]:
-    """``plan``, or the model's own ``tensor_parallel_plan()`` when none is given."""
+    """``plan``, or the model's own ``tensor_parallel_plan()`` (an HF model's config's) when none is given."""
     if plan is not None:
         return plan
+    if hf.is_hf_model(model):  # transformers models carry their plan in their config
+        return hf.tensor_parallel_plan(model)
     if not hasattr(model, "tensor_parallel_plan"):
         raise ConfigError(
             f"{type(model).__name__} has no tensor_parallel_plan(); pass plan={{'module.path.*': 'col' | "
@@ -385,29 +298,30 @@ def resolve_plan(model: nn.Module, plan: Mapping[str, str] | None) -> Mapping[st
     return model.tensor_parallel_plan()
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorParallel(Strategy):
-    """Megatron tensor parallelism over groups of ``size`` ranks; data parallelism (DDP) across the groups."""
+def shard_boxes(
+    key: str, piece: Piece, dim: int, parts: int, rank: int, size: int, save: bool, share: tuple | None
+) -> list[Piece]:
+    """A piece of a tensor-parallel shard as boxes of the whole tensor (see ``shard_tensor``).
 
-    name: ClassVar[str] = "tp"
-
-    size: int = 2
-    """Ranks each layer is split over (t); the world size must be a multiple of it."""
-    plan: Mapping[str, str] | None = None
-    """Module path glob -> style (see :data:`STYLES`); None: the model's ``tensor_parallel_plan()``."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 1:
-            raise ConfigError(f"size={self.size!r} must be a positive integer")
-
-    def _as_hybrid(self, ctx: Context) -> Strategy:
-        from plait.strategies.hybrid import Hybrid  # hybrid composes this module with the others
-
-        require_divisor("tp", self.size, ctx.world_size, "size")
-        return Hybrid(dp=ctx.world_size // self.size, tp=self.size, plan=self.plan)
-
-    def validate(self, ctx: Context, model: nn.Module) -> None:
-        self._as_hybrid(ctx).validate(ctx, model)
-
-    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context) -> Runtime:
-        return self._as_hybrid(ctx).apply(model, optimizer, ctx)
+    Along ``dim`` the whole tensor is ``parts`` equal parts, each cut into ``size`` slices; the shard
+    is slice ``rank`` of every part, in order. Other dimensions keep their offsets.
+    """
+    slice_len = piece.shape[dim] // parts
+    whole = list(piece.shape)
+    whole[dim] = piece.shape[dim] * size
+    start, length = piece.offsets[dim], piece.lengths[dim]
+    boxes, done = [], 0
+    while done < length:
+        local = start + done
+        part, within = divmod(local, slice_len)
+        n = min(slice_len - within, length - done)
+        offsets = list(piece.offsets)
+        offsets[dim] = part * slice_len * size + rank * slice_len + within
+        tensor = piece.tensor.narrow(dim, done, n)
+        boxes.append(
+            Piece(
+                key, tuple(whole), tuple(offsets), tensor, piece.replicated, save, piece.required, share=share
+            )
+        )
+        done += n
+    return boxes

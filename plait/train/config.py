@@ -2,30 +2,43 @@
 
 Each field's docstring is its ``--help`` text; the CLI flags (``--n-layer``, ``--lr``...) and the TOML
 sections (``[model]``, ``[data]``, ``[optim]``, ``[train]``) are derived from these classes, so a
-field is declared once. All validation that needs no model or world lives in ``__post_init__``.
+field is declared once. The strategy's options are the fields of the strategy's own dataclass
+(``plait.DDP``, ``plait.Zero``...): flags of ``plait train --strategy NAME`` and the ``[strategy]`` table.
+
+Validation is in one place, :func:`plait.train.fields.check_fields`, called by every section's
+``__post_init__``: each value's type is checked against the field's annotation, then its range (the
+class's ``ranges``). Checks that relate fields follow in the same ``__post_init__``; all run on every rank.
 """
 
 from __future__ import annotations
 
-import ast
+import collections.abc
 import dataclasses
-import functools
-import inspect
-import itertools
 import json
-import textwrap
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from plait.errors import ConfigError
 from plait.models import PRESETS
+from plait.strategies import DDP, Strategy, options, resolve, strategy_class
+from plait.train.fields import NON_NEGATIVE, POSITIVE, Range, check_fields, from_mapping, hints, plain, typed
+
+AUTO = "auto"
+"""``--strategy auto``: the planner (``plait.plan``) picks the strategy before training. Until it does, the
+run carries ddp's options (bucket_mb, mixed_precision...), which the planner takes into account."""
+
+
+def parsed_as(strategy: str) -> str:
+    """The strategy whose options a run naming ``strategy`` takes: itself, or ddp's for auto."""
+    return "ddp" if strategy == AUTO else strategy
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model: str = "gpt-tiny"
-    """Preset to train: one of plait.models.PRESETS (gpt-tiny, gpt-mini, gpt-small, ...)."""
+    """Preset to train: one of plait.models.PRESETS (gpt-tiny, gpt-mini, gpt-small, ...), or
+    hf:PATH/config.json, a Hugging Face causal LM built from that config (pip install 'plait[hf]')."""
     n_layer: int | None = None
     """Override the preset's number of transformer blocks."""
     n_head: int | None = None
@@ -34,28 +47,51 @@ class ModelConfig:
     """Override the preset's embedding width."""
     block_size: int | None = None
     """Override the preset's context length (tokens per training sequence)."""
+    vocab_size: int | None = None
+    """Override the preset's vocabulary size (with --data train.bin: above its largest token id)."""
     dropout: float = 0.0
     """Dropout probability in attention and MLP."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward instead of keeping them (torch's
+    non-reentrant checkpoint; an hf: model's decoder layers through HF's own), under any strategy."""
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "n_layer": POSITIVE,
+        "n_head": POSITIVE,
+        "n_embd": POSITIVE,
+        "block_size": POSITIVE,
+        "vocab_size": POSITIVE,
+        "dropout": Range(ge=0, lt=1),
+    }
 
     def __post_init__(self) -> None:
-        if self.model not in PRESETS:
-            raise ConfigError(f"model={self.model!r} is not a preset; use one of {sorted(PRESETS)}")
+        check_fields(self)
+        if self.model not in PRESETS and not self.model.startswith("hf:"):
+            raise ConfigError(
+                f"model={self.model!r} is not a preset; use one of {sorted(PRESETS)} or hf:PATH/config.json"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     data: str = "stdlib"
-    """Training text: "stdlib" (the bytes of this Python's standard library .py files) or "synthetic"."""
+    """Training text: "stdlib" (the bytes of this Python's standard library .py files), "synthetic", or a
+    path: a text file, a directory of text files (bytes as tokens), or nanoGPT's train.bin (uint16 ids;
+    val.bin beside it validates), read by memory map."""
     val_fraction: float = 0.05
     """Share of the corpus files held out for validation."""
     synthetic_tokens: int = 2_000_000
     """Length of the synthetic token stream (with --data synthetic)."""
 
+    ranges: ClassVar[dict[str, Range]] = {"val_fraction": Range(gt=0, lt=1), "synthetic_tokens": POSITIVE}
+
     def __post_init__(self) -> None:
-        if self.data not in ("stdlib", "synthetic"):
-            raise ConfigError(f"data={self.data!r} is not known; use 'stdlib' or 'synthetic'")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        check_fields(self)
+        if self.data not in ("stdlib", "synthetic") and not Path(self.data).exists():
+            raise ConfigError(
+                f"data={self.data!r} is not known: use 'stdlib', 'synthetic' or the path of an existing file or "
+                "directory (text, or nanoGPT's train.bin)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +108,26 @@ class OptimConfig:
     """AdamW first-moment decay."""
     beta2: float = 0.95
     """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW's epsilon, added to the root of the second moment."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
 
+    ranges: ClassVar[dict[str, Range]] = {
+        "lr": POSITIVE,
+        "min_lr": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "beta1": Range(ge=0, lt=1),
+        "beta2": Range(ge=0, lt=1),
+        "grad_clip": NON_NEGATIVE,
+        "eps": POSITIVE,
+    }
+
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0; got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ConfigError(f"warmup_steps={self.warmup_steps} and grad_clip={self.grad_clip} must be >= 0")
+        check_fields(self)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr={self.min_lr} must be <= lr={self.lr}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,36 +139,18 @@ class TrainConfig:
     micro_batch: int = 8
     """Sequences per rank per forward/backward; batch_size / (micro_batch x ranks) micro-steps accumulate."""
     strategy: str = "ddp"
-    """How to split the work: none, ddp, zero1, zero2, zero3, async, local-sgd, tp, pp or hybrid."""
-    bucket_mb: float = 25.0
-    """DDP gradient bucket size in MiB."""
-    grad_dtype: str | None = None
-    """DDP: dtype gradients travel in (bf16, fp16, fp32); default: the parameters' dtype."""
-    mixed_precision: str | None = None
-    """bf16 or fp16 compute and communication with an fp32 master copy (ddp, zero1/2/3)."""
-    staleness: int | None = None
-    """async: most steps the fastest worker may run ahead of the slowest (unset: fully asynchronous)."""
-    servers: int = 0
-    """async: ranks that only serve parameters (0: every worker also serves a shard)."""
-    period: int = 8
-    """local-sgd: optimizer steps between synchronizations (H)."""
-    outer: str = "average"
-    """local-sgd: "average" (local SGD) or "nesterov" (DiLoCo)."""
-    outer_lr: float = 0.7
-    """local-sgd with outer=nesterov: DiLoCo's outer learning rate."""
-    tp: int | None = None
-    """tp / hybrid: tensor-parallel ranks per replica (default 2 under tp, 1 under hybrid)."""
-    pp: int | None = None
-    """pp / hybrid: pipeline stages (default 2 under pp, 1 under hybrid). A step's local batch runs
-    through them as batch_size / (data-parallel ranks x micro_batch) micro-batches, at least pp."""
-    schedule: str = "1f1b"
-    """pp / hybrid: the pipeline schedule, "1f1b" or "gpipe"."""
-    zero: int = 0
-    """hybrid: ZeRO stage (0, 1 or 2) within the data-parallel axis, which is the remaining ranks."""
+    """How to split the work: none, ddp, zero1, zero2, zero3, async, local-sgd, tp, pp, hybrid or auto. Its
+    options are flags too (plait train --strategy NAME --help lists them) and the [strategy] table of a
+    config file."""
     slow_rank: int | None = None
-    """Make this rank a straggler (experiments): its steps take slow_factor times as long."""
+    """Make this rank a straggler (experiments): its compute (the step less its time blocked in
+    collectives) takes slow_factor times as long."""
     slow_factor: float = 1.0
-    """How much longer the slow rank's steps take (2.0: twice as long)."""
+    """How much longer the slow rank computes (2.0: twice as long; waiting for others is not scaled)."""
+    balance: str = "equal"
+    """Data-parallel shares of the global batch: "equal"; "auto" (from the third step, proportional to each
+    rank's measured speed); or sequences per rank, "24,8". The loss is weighted so the update is the
+    equal split's (plait.data.balance)."""
     save_every: int = 0
     """Save a checkpoint to RUN_DIR/checkpoints every this many steps (0: never). A run that finds a
     complete checkpoint there resumes from the latest one, as an elastic restart does."""
@@ -139,35 +169,55 @@ class TrainConfig:
     """Validation batches (of batch_size sequences) per evaluation."""
     seed: int = 0
     """Seed for the model's initialisation and the data order."""
-    run_dir: str = "runs/latest"
-    """Where metrics.jsonl and summary.json are written."""
+    run_dir: str | None = None
+    """Where run.toml, checkpoints/, metrics.jsonl and summary.json go; default: a new runs/<time>-<strategy>,
+    with runs/latest pointing at the newest. One job at a time uses a run dir (run.lock names it)."""
+    resume: str = "auto"
+    """"auto": continue from the run dir's newest checkpoint if its recorded settings (run.toml: model, data,
+    optim, and batch_size, seed) match these, else stop naming the difference; "never": start afresh
+    (a run dir that holds checkpoints is an error); or a checkpoint directory to start from (its state, these
+    settings)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    tensorboard: bool = False
+    """Also write the run's scalars as TensorBoard event files under RUN_DIR/tensorboard/."""
+    print_every: int = 0
+    """Print a line with the step's loss and learning rate on rank 0 every this many steps (0: never)."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON config (ds_config.json) to take the batch, ZeRO stage, precision, optimizer,
+    scheduler and clipping from; flags and --config still win over it."""
+    deepspeed_lenient: bool = False
+    """Train even when the DeepSpeed config asks for what plait does not implement (listed, ignored)."""
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "steps": POSITIVE,
+        "batch_size": POSITIVE,
+        "micro_batch": POSITIVE,
+        "slow_rank": NON_NEGATIVE,
+        "slow_factor": Range(ge=1),
+        "save_every": NON_NEGATIVE,
+        "keep_checkpoints": Range(ge=1),
+        "desync_every": NON_NEGATIVE,
+        "mem_cap_gb": POSITIVE,
+        "eval_every": NON_NEGATIVE,
+        "eval_batches": POSITIVE,
+        "seed": Range(ge=0, lt=2**63),
+        "print_every": NON_NEGATIVE,
+    }
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "micro_batch", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every={self.eval_every} must be >= 0")
-        if self.save_every < 0 or self.keep_checkpoints < 1:
-            raise ConfigError(
-                f"save_every={self.save_every} must be >= 0 and keep_checkpoints={self.keep_checkpoints} >= 1"
-            )
-        if self.slow_factor < 1:
-            raise ConfigError(
-                f"slow_factor={self.slow_factor} must be >= 1 (a straggler is slower, not faster)"
-            )
-        mesh_options = {"tp": self.tp, "pp": self.pp, "zero": self.zero or None}
-        if self.strategy not in ("tp", "pp", "hybrid") and any(v is not None for v in mesh_options.values()):
-            given = ", ".join(f"{k}={v}" for k, v in mesh_options.items() if v is not None)
-            raise ConfigError(f"{given} needs strategy tp, pp or hybrid, not {self.strategy!r}")
-        if self.mem_cap_gb is not None and self.mem_cap_gb <= 0:
-            raise ConfigError(f"mem_cap_gb={self.mem_cap_gb} must be > 0")
+        check_fields(self)
+        strategy_class(parsed_as(self.strategy))
         if self.batch_size % self.micro_batch:
             raise ConfigError(
                 f"batch_size={self.batch_size} is not a multiple of micro_batch={self.micro_batch}; "
                 f"use a micro_batch that divides it"
+            )
+        if self.run_dir is not None and Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
+            raise ConfigError(f"run_dir={self.run_dir!r} is a file, not a directory; give a directory")
+        if self.resume not in ("auto", "never") and not Path(self.resume, "manifest.json").is_file():
+            raise ConfigError(
+                f"resume={self.resume!r} is not 'auto', 'never' or a checkpoint directory (one with a manifest.json)"
             )
 
 
@@ -179,9 +229,31 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    strategy: Strategy = dataclasses.field(default_factory=DDP)
+    """The strategy object ``train.strategy`` names, with the options of the ``[strategy]`` table."""
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Plain values only (an import path for a class, lists for tuples): what TOML holds."""
+        sections = {name: plain(getattr(self, name)) for name in SECTIONS}
+        sections["strategy"] = {
+            f.name: plain(getattr(self.strategy, f.name)) for f in options(parsed_as(self.train.strategy))
+        }
+        return sections
+
+
+RECORDED_TRAIN_FIELDS = ("batch_size", "seed")
+"""Of ``[train]``, what decides the numbers a run computes (the global batch, the data order and
+initialisation); how the work is split (the strategy, micro_batch) and cadences do not. ``steps`` may
+differ: raising it is how a finished run trains further (the lr schedule then spans the new length)."""
+
+
+def recorded(config: RunConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run that wrote the checkpoint, as ``section.field``."""
+    values = config.to_dict()
+    fields = {
+        f"{section}.{k}": v for section in ("model", "data", "optim") for k, v in values[section].items()
+    }
+    return fields | {f"train.{k}": values["train"][k] for k in RECORDED_TRAIN_FIELDS}
 
 
 SECTIONS: dict[str, type] = {
@@ -190,40 +262,48 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
 }
+"""The training sections; ``[strategy]`` holds the fields of the strategy ``train.strategy`` names."""
 
 
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's docstring (the string literal right after it in the class body)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
+def strategy_from(name: str, given: collections.abc.Mapping[str, Any]) -> Strategy:
+    """The strategy ``name`` with the options ``given`` (plain values, type-checked against its fields)."""
+    cls, _ = strategy_class(name)
+    known = hints(cls)
+    return resolve(name, **{k: typed(k, v, known[k]) if k in known else v for k, v in given.items()})
 
 
-def build(values: dict[str, dict[str, Any]]) -> RunConfig:
-    """A RunConfig from nested ``{section: {field: value}}``; unknown names are a ConfigError."""
-    sections = {}
-    for section, cls in SECTIONS.items():
-        given = dict(values.get(section, {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(given) - known
-        if unknown:
-            raise ConfigError(f"[{section}] has no field(s) {sorted(unknown)}; known: {sorted(known)}")
-        sections[section] = cls(**given)
-    extra = set(values) - set(SECTIONS)
+def check_tables(values: Any) -> None:
+    """``values`` is ``{section: {field: value}}`` with known section names, else a ConfigError."""
+    if not isinstance(values, collections.abc.Mapping):
+        raise ConfigError(f"a config is a table of sections, not {values!r}")
+    extra = set(values) - set(SECTIONS) - {"strategy"}
     if extra:
-        raise ConfigError(f"unknown config section(s) {sorted(extra)}; use {sorted(SECTIONS)}")
+        raise ConfigError(f"unknown config section(s) {sorted(extra)}; use {[*sorted(SECTIONS), 'strategy']}")
+    for section, given in values.items():
+        if not isinstance(given, collections.abc.Mapping):
+            raise ConfigError(f"[{section}] must be a table of fields (name = value), not {given!r}")
+
+
+def build(values: collections.abc.Mapping[str, Any]) -> RunConfig:
+    """A RunConfig from nested ``{section: {field: value}}``; unknown names are a ConfigError."""
+    check_tables(values)
+    sections = {}
+    for section in [*SECTIONS, "strategy"]:
+        given = values.get(section, {})
+        if section == "strategy":
+            sections[section] = strategy_from(parsed_as(sections["train"].strategy), given)
+        else:
+            sections[section] = from_mapping(SECTIONS[section], given, section)
     return RunConfig(**sections)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, collections.abc.Mapping):
+        pairs = [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None]
+        return "{" + ", ".join(pairs) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def to_toml(config: RunConfig) -> str:
@@ -231,17 +311,23 @@ def to_toml(config: RunConfig) -> str:
     lines = []
     for section, values in config.to_dict().items():
         lines.append(f"[{section}]")
-        lines += [f"{name} = {json.dumps(value)}" for name, value in values.items() if value is not None]
+        lines += [f"{name} = {_toml_value(value)}" for name, value in values.items() if value is not None]
         lines.append("")
     return "\n".join(lines)
 
 
-def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a TOML file with ``[model] [data] [optim] [train]`` tables."""
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file with ``[model] [data] [optim] [train] [strategy]`` tables."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({e}); give a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None

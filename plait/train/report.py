@@ -1,14 +1,42 @@
-"""The end-of-run summary table."""
+"""What rank 0 shows of a run: a progress bar while it trains (:class:`Progress`), then what it achieved
+(:class:`Summary`, also ``summary.json``) as a table."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
 
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from plait.train.trainer import Summary
+
+@dataclasses.dataclass
+class Summary:
+    """What a run achieved, as the summary table and ``summary.json`` report it."""
+
+    strategy: str
+    world_size: int
+    params: int
+    steps: int
+    tokens_per_step: int
+    train_loss_first: float
+    train_loss_last: float
+    val_loss_first: float | None
+    val_loss_last: float | None
+    tokens_per_s: float
+    step_time_s: float
+    peak_memory_bytes: list[int]
+    bytes_per_step: float
+    theory_bytes_per_step: int
+    theory: str
+    comm_seconds_per_step: float
+    strategy_metrics: dict
+    """This rank's (rank 0's) strategy-specific figures: staleness histogram, pushes, synchronizations."""
+    mesh: dict[str, int] | None = None
+    """Ranks along each axis (dp, pp, tp) under tp, pp or hybrid."""
+    model_state_bytes: float | None = None
+    """The largest rank's model states (live tensors) after the first step, when a memory cap is set."""
+    mem_cap_gb: float | None = None
+    """The cap those model states were checked against (``--mem-cap-gb``)."""
 
 
 def _mib(n: float) -> str:
@@ -67,3 +95,27 @@ def print_summary(summary: Summary, run_dir: str) -> None:
     console = Console()
     console.print(table)
     console.print(f"metrics: {run_dir}/metrics.jsonl  summary: {run_dir}/summary.json")
+
+
+class Progress:
+    """Rank 0's progress bar: step, loss, tokens/s."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeRemainingColumn(),
+        )
+        self._task = self._bar.add_task("train", total=total, loss=float("nan"), tps=0.0)
+        self._bar.start()
+
+    def update(self, step: int, record: dict[str, float]) -> None:
+        self._bar.update(self._task, completed=step + 1, loss=record["loss"], tps=record["tokens_per_s"])
+
+    def close(self) -> None:
+        self._bar.stop()

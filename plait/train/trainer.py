@@ -10,13 +10,12 @@ shows a progress bar and, at the end, a summary table.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,45 +25,21 @@ import torch.nn.functional as F
 
 import plait
 from plait import checkpoint
-from plait.checkpoint import latest
 from plait.comm import Context, delta
-from plait.data import BatchSampler, eval_batches, load_corpus, split_micro_batches, synthetic_tokens
+from plait.data import BatchSampler, eval_batches, load_corpus, synthetic_tokens
+from plait.data.balance import loss_weight, parse_shares, shares_from_speed
+from plait.data.files import load_files
 from plait.errors import ConfigError, MemoryCapExceeded, divisors
-from plait.metrics import MetricsLog, memory_report, peak_memory_bytes
-from plait.models import GPT, preset
-from plait.strategies import DDP, AsyncPS, Hybrid, LocalSGD, Zero, resolve
+from plait.metrics import MetricsLog, memory_report, peak_memory_bytes, read_metrics
+from plait.metrics.plots import write_loss_plot
+from plait.metrics.tensorboard import TensorBoardLog
+from plait.models.hf import checkpoint_extra
+from plait.train import deepspeed
 from plait.train.config import RunConfig
-from plait.train.report import print_summary
-
-
-@dataclasses.dataclass
-class Summary:
-    """What a run achieved, as the summary table and ``summary.json`` report it."""
-
-    strategy: str
-    world_size: int
-    params: int
-    steps: int
-    tokens_per_step: int
-    train_loss_first: float
-    train_loss_last: float
-    val_loss_first: float | None
-    val_loss_last: float | None
-    tokens_per_s: float
-    step_time_s: float
-    peak_memory_bytes: list[int]
-    bytes_per_step: float
-    theory_bytes_per_step: int
-    theory: str
-    comm_seconds_per_step: float
-    strategy_metrics: dict
-    """This rank's (rank 0's) strategy-specific figures: staleness histogram, pushes, synchronizations."""
-    mesh: dict[str, int] | None = None
-    """Ranks along each axis (dp, pp, tp) under tp, pp or hybrid."""
-    model_state_bytes: float | None = None
-    """The largest rank's model states (live tensors) after the first step, when a memory cap is set."""
-    mem_cap_gb: float | None = None
-    """The cap those model states were checked against (``--mem-cap-gb``)."""
+from plait.train.models import build_model
+from plait.train.report import Progress, Summary, print_summary
+from plait.train.resume import resume
+from plait.train.rundir import new_run_dir
 
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
@@ -82,66 +57,6 @@ def adamw_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-
-
-def _strategy(config: RunConfig, world_size: int) -> plait.Strategy:
-    """The strategy object ``config.train`` names, with its options."""
-    train = config.train
-    if train.mixed_precision is not None and train.strategy not in ("ddp", "zero1", "zero2", "zero3"):
-        raise ConfigError(
-            f"mixed_precision={train.mixed_precision!r} needs strategy ddp or zero1/2/3, not {train.strategy!r}"
-        )
-    if train.strategy == "ddp":
-        return DDP(
-            bucket_mb=train.bucket_mb, grad_dtype=train.grad_dtype, mixed_precision=train.mixed_precision
-        )
-    if train.strategy in ("zero1", "zero2", "zero3"):
-        return Zero(
-            stage=int(train.strategy[-1]), bucket_mb=train.bucket_mb, mixed_precision=train.mixed_precision
-        )
-    if train.strategy == "async":
-        return AsyncPS(staleness=train.staleness, servers=train.servers)
-    if train.strategy == "local-sgd":
-        return LocalSGD(period=train.period, outer=train.outer, outer_lr=train.outer_lr)
-    if train.strategy in ("tp", "pp", "hybrid"):
-        return _mesh(train, world_size)
-    return resolve(train.strategy)
-
-
-def _mesh(train: Any, world_size: int) -> Hybrid:
-    """tp, pp and hybrid as one mesh: the ranks left over by tp x pp are data parallel.
-
-    A pipeline's micro-batches are the trainer's: batch_size / (dp x micro_batch) of them per step.
-    """
-    tp = train.tp or (2 if train.strategy == "tp" else 1)
-    pp = train.pp or (2 if train.strategy == "pp" else 1)
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"tp x pp = {tp} x {pp} must divide the world size {world_size}; "
-            f"tp x pp in {divisors(world_size)}"
-        )
-    dp = world_size // (tp * pp)
-    per_step = dp * train.micro_batch
-    if pp > 1 and train.batch_size // per_step < pp:
-        local = train.batch_size // dp
-        fits = [str(m) for m in range(1, local + 1) if local % m == 0 and local // m >= pp]
-        raise ConfigError(
-            f"pp={pp} stages need at least {pp} micro-batches per step, but batch_size / (dp x micro_batch) "
-            f"= {train.batch_size} / ({dp} x {train.micro_batch}) gives {train.batch_size // per_step}; "
-            + (
-                f"use a micro_batch in {{{', '.join(fits)}}}"
-                if fits
-                else f"use a batch_size of at least {dp * pp}"
-            )
-        )
-    return Hybrid(
-        dp=dp,
-        tp=tp,
-        pp=pp,
-        zero=train.zero,
-        microbatches=max(1, train.batch_size // per_step) if pp > 1 else None,
-        schedule=train.schedule,
-    )
 
 
 def check_memory_cap(
@@ -163,31 +78,40 @@ def check_memory_cap(
 
 
 class Trainer:
-    """Trains ``plait.models.GPT`` as ``config`` says, on this process's rank of the job."""
+    """Trains the model ``config.model`` names (plait's GPT or an HF causal LM) on this process's rank."""
 
     def __init__(self, config: RunConfig, ctx: Context | None = None) -> None:
-        self.config = config
         self.ctx = ctx or plait.init()
+        if config.train.run_dir is None:
+            if self.ctx.world_size > 1:
+                raise ConfigError("run_dir is unset; give every rank the same run_dir (plait train does)")
+            run_dir = new_run_dir(config.train.strategy)
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_dir=run_dir))
+        self.config = config
         train = config.train
-        overrides = {
-            k: v for k, v in dataclasses.asdict(config.model).items() if k != "model" and v is not None
-        }
-        self.model_config = preset(config.model.model, **overrides)
-        self.train_tokens, self.val_tokens = self._load_data()
-
         torch.manual_seed(train.seed)
-        model = GPT(self.model_config)
+        model, self.model_config = build_model(config.model)
+        self.train_tokens, self.val_tokens = self._load_data()
         self.params = model.num_params()
         optim = config.optim
         self.model, self.optimizer = plait.setup(
             model,
-            _strategy(config, self.ctx.world_size),
+            config.strategy.for_batch(self.ctx.world_size, train.batch_size, train.micro_batch),
             lambda _: plait.optim.AdamW(
-                adamw_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2)
+                adamw_groups(model, optim.weight_decay),
+                lr=optim.lr,
+                betas=(optim.beta1, optim.beta2),
+                eps=optim.eps,
             ),
             ctx=self.ctx,
         )
         self.runtime = self.model.plait_runtime
+        ds_config = deepspeed.read(train.deepspeed) if train.deepspeed else {}
+        deepspeed.apply_loss_scale(self.model, ds_config)
+        self.lr_at = deepspeed.lr_schedule(ds_config, optim.lr) or (
+            lambda step: lr_at(step, train.steps, optim.lr, optim.min_lr, optim.warmup_steps)
+        )
+        """The learning rate of each step: warmup and cosine decay, or the DeepSpeed config's scheduler."""
         # the ranks that train (a parameter server's dedicated servers do not) share each global batch
         self.group = self.runtime.dp_group or self.ctx.world
         self.rank, self.ranks = self.model.dp_rank, self.model.dp_size
@@ -199,8 +123,9 @@ class Trainer:
                 f"or a batch_size that is a multiple of {per_step}"
             )
         self.accumulate = train.batch_size // per_step
-        self.pipelined = getattr(self.runtime, "pipeline", None) is not None
-        """A pipeline runs the step's micro-batches through its schedule: one ``train_step`` per step."""
+        """Micro-batches per ``train_step``: accumulated, or run through a pipeline's schedule."""
+        self.loss_weight = 1.0
+        """w_i = n_i N / B on this rank's mean loss (plait.data.balance): 1 under equal shares."""
         self.sampler = BatchSampler(
             self.train_tokens,
             self.model_config.block_size,
@@ -209,39 +134,43 @@ class Trainer:
             self.ranks,
             train.seed,
         )
+        shares = parse_shares(train.balance, self.ranks, train.batch_size, train.micro_batch)
+        if shares is not None:
+            self._set_shares(shares)
         self.checkpoints = Path(train.run_dir, "checkpoints")
         self.resumed_from = self._resume()
-        self.log = MetricsLog(train.run_dir, self.ctx.rank)
+        sinks = [TensorBoardLog(train.run_dir, self.ctx.rank)] if train.tensorboard else []
+        self.log = MetricsLog(train.run_dir, self.ctx.rank, sinks)
         if self.resumed_from is not None:
             self.log.write("resume", step=self.sampler.step, checkpoint=str(self.resumed_from))
             if self.ctx.rank == 0:
                 print(f"plait: resumed from {self.resumed_from} at step {self.sampler.step}", flush=True)
 
     def _resume(self) -> Path | None:
-        """Continue from the newest complete checkpoint in RUN_DIR/checkpoints, if checkpointing and one exists."""
-        if not self.config.train.save_every:
+        """Continue a run as ``train.resume`` says; the data position comes from the checkpoint, the data
+        order (seed) from this run's settings."""
+        resumed = resume(self.config, self.checkpoints, self.model, self.optimizer, self.ctx.rank)
+        if resumed is None:
             return None
-        found = latest(self.checkpoints)
-        if found is not None:
-            _, extra = checkpoint.load(found, self.model, self.optimizer)
-            self.sampler.load_state_dict(extra["sampler"])
+        found, extra = resumed
+        self.sampler.load_state_dict({**extra["sampler"], "seed": self.config.train.seed})
         return found
 
     def _save(self, step: int) -> None:
         """Checkpoint after ``step`` steps (data position included); keep the newest ``keep_checkpoints``."""
         train = self.config.train
-        extra = {"sampler": self.sampler.state_dict()}
-        directory = self.checkpoints / f"step_{step:06d}"
+        extra = {"sampler": self.sampler.state_dict(), **checkpoint_extra(self.model)}
+        directory = checkpoint.step_directory(self.checkpoints, step)
         checkpoint.save(
             directory, self.model, self.optimizer, step=step, extra=extra, blocking=not train.async_checkpoint
         )
         if self.ctx.rank == 0:
-            complete = sorted(p for p in self.checkpoints.glob("step_*") if (p / "manifest.json").exists())
-            for old in complete[: -train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            checkpoint.prune(self.checkpoints, train.keep_checkpoints)
 
     def _load_data(self) -> tuple[np.ndarray, np.ndarray]:
-        data = self.config.data
+        data, shape = self.config.data, self.model_config
+        if data.data not in ("stdlib", "synthetic"):
+            return load_files(data.data, data.val_fraction, shape.vocab_size, shape.block_size)
         if data.data == "synthetic":
             tokens = synthetic_tokens(
                 data.synthetic_tokens, self.model_config.vocab_size, self.config.train.seed
@@ -260,27 +189,32 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step on this rank's slice of the global batch; returns its measurements."""
         optim, train = self.config.optim, self.config.train
-        lr = lr_at(step, train.steps, optim.lr, optim.min_lr, optim.warmup_steps)
+        lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         before = self.ctx.stats.snapshot()
         start = time.perf_counter()
         x, y = self.sampler.next_batch()
-        if self.pipelined:  # the schedule runs the local batch as its micro-batches
-            local_loss = torch.tensor(self.model.train_step(x.to(self.ctx.device), y.to(self.ctx.device)))
-        else:
-            local_loss = self._forward_backward(x, y)
+        # the runtime owns the step: accumulation, a pipeline's schedule, the loss reduced once (a
+        # synchronous strategy's global mean; an asynchronous rank's own, so no collective syncs it)
+        loss = self.model.train_step(
+            x.to(self.ctx.device), y.to(self.ctx.device), self._loss_fn(), microbatches=self.accumulate
+        )
         grad_norm = plait.clip_grad_norm_(self.model, optim.grad_clip) if optim.grad_clip else None
         self.optimizer.step()
         self.optimizer.zero_grad()
         if train.slow_rank == self.ctx.rank and train.slow_factor > 1:
-            # a straggler for experiments: this rank's steps take slow_factor times as long
-            time.sleep((train.slow_factor - 1) * (time.perf_counter() - start))
+            # a straggler for experiments: this rank computes slow_factor times as long. Only its busy
+            # time is scaled (the step less its time blocked in collectives, which is waiting for the
+            # others): scaling the whole step would make its sleep grow with every wait, and a rank
+            # given less work would stay exactly as slow
+            blocked = delta(self.ctx.stats.snapshot(), before)
+            busy = time.perf_counter() - start - sum(t.seconds for t in blocked.values())
+            time.sleep((train.slow_factor - 1) * max(0.0, busy))
         step_time = time.perf_counter() - start
         comm = delta(self.ctx.stats.snapshot(), before)
-        # synchronous strategies report the global mean loss; asynchronous ones must not wait for a
-        # collective every step (that would re-synchronize them), so each rank reports its own
-        loss = self._mean_over_ranks(local_loss) if self.runtime.synchronous else float(local_loss)
+        if train.balance == "auto" and step == 1:  # step 0 pays one-time costs
+            self._rebalance(step_time - sum(t.seconds for t in comm.values()))
         return {
             **self.runtime.metrics(),
             "loss": loss,
@@ -292,20 +226,33 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
         }
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Gradient accumulation over micro-batches, communicating only after the last where it can."""
-        local_loss = torch.zeros(())
-        for i, (xm, ym) in enumerate(split_micro_batches(x, y, self.accumulate)):
-            last = i == self.accumulate - 1
-            defer = not last and self.model.plait_runtime.supports_no_sync
-            with self.model.no_sync() if defer else contextlib.nullcontext():
-                logits = self.model(xm.to(self.ctx.device))
-                loss = (
-                    F.cross_entropy(logits.flatten(0, 1), ym.to(self.ctx.device).flatten()) / self.accumulate
-                )
-                loss.backward()
-            local_loss += loss.detach().cpu()
-        return local_loss
+    def _set_shares(self, shares: tuple[int, ...]) -> None:
+        if not self.runtime.uneven_shares:
+            raise ConfigError(
+                f"balance={self.config.train.balance!r} needs a synchronous data-parallel strategy (ddp, zero1/2/3) "
+                f"without pipeline, not strategy={self.config.train.strategy!r}; use balance='equal'"
+            )
+        self.sampler.set_shares(shares)
+        self.accumulate = shares[self.rank] // self.config.train.micro_batch
+        self.loss_weight = loss_weight(shares[self.rank], self.config.train.batch_size, self.ranks)
+
+    def _rebalance(self, busy_s: float) -> None:
+        """Shares proportional to each rank's measured speed (its step less its time in collectives)."""
+        mine = torch.tensor([busy_s, float(self.sampler.local_batch)], dtype=torch.float64)
+        every = torch.zeros(2 * self.ranks, dtype=torch.float64)
+        self.group.all_gather(every, mine)
+        busy, samples = every.view(-1, 2).T.tolist()
+        train = self.config.train
+        shares = shares_from_speed(busy, [int(n) for n in samples], train.batch_size, train.micro_batch)
+        self._set_shares(shares)
+        self.log.write("balance", shares=list(shares), busy_s=busy)
+
+    def _loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """None (the runtime's token cross-entropy, vocabulary-parallel under tp) unless shares are uneven."""
+        if self.loss_weight == 1.0:
+            return None
+        weight = self.loss_weight
+        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()) * weight
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         """The mean of a scalar over all ranks (a 4-byte all-reduce, made after the step's accounting)."""
@@ -332,9 +279,9 @@ class Trainer:
             self.ranks if synchronous else 1,
         )
         total = torch.zeros(())
-        for x, y in batches:
-            logits = self.model(x.to(self.ctx.device))
-            total += F.cross_entropy(logits.flatten(0, 1), y.to(self.ctx.device).flatten()).cpu()
+        for x, y in batches:  # the loss training computes (vocabulary-parallel under tp: no logit gather)
+            loss = self.runtime.forward_loss(x.to(self.ctx.device), y.to(self.ctx.device), None)
+            total += loss.float().cpu()
         self.model.train()
         mean = total / len(batches)
         return self._mean_over_ranks(mean) if synchronous else float(mean)
@@ -346,7 +293,7 @@ class Trainer:
         train = self.config.train
         records, evals = [], []
         self.model_state_bytes: float | None = None
-        progress = _Progress(train.steps) if self.ctx.rank == 0 and train.progress else None
+        progress = Progress(train.steps) if self.ctx.rank == 0 and train.progress else None
         started = time.perf_counter()
         try:
             for step in range(self.sampler.step, train.steps):
@@ -360,6 +307,8 @@ class Trainer:
                 records.append(record)
                 if progress is not None:
                     progress.update(step, record)
+                if train.print_every and (step + 1) % train.print_every == 0 and self.ctx.rank == 0:
+                    print(f"step {step + 1}: loss {record['loss']:.4f} lr {record['lr']:.3g}", flush=True)
                 last = step == train.steps - 1
                 if train.desync_every and (step + 1) % train.desync_every == 0:
                     plait.check_replicas(self.model)
@@ -369,34 +318,55 @@ class Trainer:
                     val = self.evaluate()
                     self.log.write("eval", step=step, time=time.perf_counter() - started, val_loss=val)
                     evals.append(val)
+            self.runtime.finish_training()  # before the summary's collective: a straggler may be far behind
             checkpoint.wait_for_pending()
         finally:
             if progress is not None:
                 progress.close()
             self.log.close()
-        if not records:
-            raise ConfigError(
-                f"nothing to train: the run in {train.run_dir} resumed at step {self.sampler.step} of steps={train.steps}"
-            )
+        if not records:  # resumed at the end: a restart after the final checkpoint was committed
+            records, evals = self._logged_run()
+            if self.ctx.rank == 0:
+                checkpoint.prune(self.checkpoints, train.keep_checkpoints)  # the last attempt died before it
+                print(
+                    f"plait: the run in {train.run_dir} was already complete at step {train.steps}",
+                    flush=True,
+                )
         summary = self._summarize(records, evals)
         if self.ctx.rank == 0:
             Path(train.run_dir, "summary.json").write_text(
                 json.dumps(dataclasses.asdict(summary), indent=2) + "\n"
             )
             print_summary(summary, train.run_dir)
+            print(f"loss plot: {write_loss_plot(train.run_dir)}")
         return summary
+
+    def _logged_run(self) -> tuple[list[dict[str, Any]], list[float]]:
+        """This rank's step records and the eval losses of an already complete run, as its attempts logged them."""
+        steps: dict[int, dict[str, Any]] = {}
+        evals: dict[int, float] = {}
+        for r in read_metrics(self.config.train.run_dir):
+            if r["rank"] == self.ctx.rank and r["kind"] == "step":
+                steps[r["step"]] = r  # a later attempt's record of a step wins
+            elif r["rank"] == self.ctx.rank and r["kind"] == "eval":
+                evals[r["step"]] = r["val_loss"]
+        if not steps:
+            raise ConfigError(
+                f"nothing to train: the checkpoint is at step {self.sampler.step} and steps={self.config.train.steps}, "
+                f"and {self.config.train.run_dir} has no record of those steps; raise --steps to train further"
+            )
+        return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals)]
 
     def _summarize(self, records: list[dict[str, float]], evals: list[float]) -> Summary:
         steady = records[1:] or records  # the first step pays one-time costs (allocation, bucket order)
-        # every rank of a mesh; the training ranks otherwise (a parameter server's servers have left)
-        group = self.ctx.world if hasattr(self.runtime, "mesh") else self.group
+        group = self.runtime.summary_group()
         peak = torch.tensor([float(peak_memory_bytes(self.ctx.device))])
         peaks = torch.zeros(group.size)
         group.all_gather(peaks, peak)
         return Summary(
             strategy=self.config.train.strategy,
             world_size=group.size,
-            mesh=self.runtime.mesh.sizes if hasattr(self.runtime, "mesh") else None,
+            mesh=self.runtime.mesh_sizes(),
             params=self.params,
             steps=len(records),
             tokens_per_step=self.config.train.batch_size * self.model_config.block_size,
@@ -408,34 +378,10 @@ class Trainer:
             step_time_s=statistics.median(r["step_time"] for r in steady),
             peak_memory_bytes=[int(p) for p in peaks.tolist()],
             bytes_per_step=statistics.mean(r["bytes_sent"] for r in steady),
-            theory_bytes_per_step=self.model.plait_runtime.theory_bytes_per_step(),
+            theory_bytes_per_step=self.runtime.theory_bytes_per_step() + self.runtime.loss_bytes(),
             theory=self.model.plait_runtime.theory,
             comm_seconds_per_step=statistics.mean(r["comm_seconds"] for r in steady),
             strategy_metrics=self.runtime.metrics(),
             model_state_bytes=self.model_state_bytes,
             mem_cap_gb=self.config.train.mem_cap_gb,
         )
-
-
-class _Progress:
-    """Rank 0's progress bar: step, loss, tokens/s."""
-
-    def __init__(self, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"),
-            TimeRemainingColumn(),
-        )
-        self._task = self._bar.add_task("train", total=total, loss=float("nan"), tps=0.0)
-        self._bar.start()
-
-    def update(self, step: int, record: dict[str, float]) -> None:
-        self._bar.update(self._task, completed=step + 1, loss=record["loss"], tps=record["tokens_per_s"])
-
-    def close(self) -> None:
-        self._bar.stop()

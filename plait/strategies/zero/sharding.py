@@ -17,6 +17,8 @@ a group, roughly the order backward produces gradients), so each group is one ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -24,8 +26,10 @@ from plait.buffers import FlatBuffer, make_buckets
 from plait.comm import Group, Handle
 from plait.comm.pool import BufferPool
 from plait.precision import DynamicLossScaler
-from plait.strategies.base import clip_flat_grads_, group_ordered, parameter_names
-from plait.strategies.master import MasterWeights, Piece, Segment, flat_segments
+from plait.strategies.base import group_index, group_ordered, parameter_names, sum_of_squares
+from plait.strategies.compression.reducer import GradientReducer
+from plait.strategies.data_parallel import DataParallelRuntime
+from plait.strategies.master import MasterWeights, Segment, flat_segments, owned_runs
 
 _MIB = 2**20
 
@@ -33,7 +37,7 @@ _MIB = 2**20
 def group_major_order(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[nn.Parameter], dict]:
     """Trainable parameters, optimizer group by group, reverse model order within each; and each one's group."""
     groups = group_ordered(module, optimizer)
-    group_of = {p: g for g, members in enumerate(groups) for p in members}
+    group_of = group_index(groups)
     return [p for members in groups for p in reversed(members)], group_of
 
 
@@ -52,26 +56,6 @@ def bucketed_buffers(
     return out
 
 
-def owned_pieces(flat: FlatBuffer, owned: slice, group_of: dict[nn.Parameter, int]) -> list[Piece]:
-    """The master pieces of one owned slice: runs of one optimizer group, then any padding."""
-    pieces: list[Piece] = []
-    covered = 0
-    for p, offset, numel in zip(flat.params, flat.offsets, flat.numels):
-        overlap = min(offset + numel, owned.stop) - max(offset, owned.start)
-        if overlap <= 0:
-            continue
-        covered += overlap
-        group = group_of[p]
-        if pieces and pieces[-1].group == group:
-            pieces[-1] = Piece(pieces[-1].numel + overlap, group)
-        else:
-            pieces.append(Piece(overlap, group))
-    padding = (owned.stop - owned.start) - covered
-    if padding:
-        pieces.append(Piece(padding, None))
-    return pieces
-
-
 class ShardedMaster:
     """A rank's shards of a list of buckets, and the fp32 master + optimizer stepping on them."""
 
@@ -84,8 +68,10 @@ class ShardedMaster:
         loss_scaler: DynamicLossScaler | None,
         release_grads: bool = False,
         in_place: bool = False,
+        skip_group: Group | None = None,
     ) -> None:
-        """``in_place``: step on each bucket's own shard of the model (full precision only) instead of a copy."""
+        """``in_place``: step on each bucket's own shard of the model (full precision only) instead of a copy.
+        ``skip_group``: the ranks that agree whether an fp16 step is skipped (default ``group``)."""
         self.buckets = buckets
         self.group = group
         self.owned = [flat.shard(group.rank, group.size) for flat in buckets]
@@ -94,15 +80,16 @@ class ShardedMaster:
         for owned in self.owned:
             self.offsets.append(offset)
             offset += owned.stop - owned.start
-        pieces = [
-            piece for flat, owned in zip(buckets, self.owned) for piece in owned_pieces(flat, owned, group_of)
-        ]
+        runs = [run for flat, owned in zip(buckets, self.owned) for run in owned_runs(flat, owned, group_of)]
         chunks = [flat.data[owned] for flat, owned in zip(buckets, self.owned)] if in_place else None
         self.master = MasterWeights(
-            pieces, optimizer, buckets[0].data.device, group, loss_scaler, release_grads, chunks
+            runs, optimizer, buckets[0].data.device, skip_group or group, loss_scaler, release_grads, chunks
         )
         self.accumulating = False
         """True once a backward since the last step filled the gradient shard: the next one adds to it."""
+        self.reducer: GradientReducer | None = None
+        """Compressed or hierarchical averaging of whole buckets (each rank then keeps its shard); with
+        ``reducer.hsdp``, of each bucket straight into the shard (``group`` is then the host's ranks)."""
         self.master.optimizer.register_step_post_hook(lambda *_: setattr(self, "accumulating", False))
 
     def master_slice(self, b: int, of: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,16 +110,28 @@ class ShardedMaster:
         """Average bucket ``b``'s full ``gradient`` over ranks into this rank's master gradient shard."""
         self.master.ensure_grads()
         target = self.master_slice(b, self.master.grad)
-        op = "avg"
-        if gradient.dtype == torch.float16:  # pre-divide: a sum of scaled fp16 gradients can overflow
-            gradient.div_(self.group.size)
-            op = "sum"
+        if self.reducer is not None and not self.reducer.hsdp:
+            return self._reduce_whole(b, gradient, target, then)
+        if self.reducer is not None:  # HSDP: averaged over every host into our within-host shard
+
+            def reduce(out: torch.Tensor):
+                return self.reducer.reduce_scatter(b, gradient, out)
+
+        else:
+            op = "avg"
+            if gradient.dtype == torch.float16:  # pre-divide: a sum of scaled fp16 gradients can overflow
+                gradient.div_(self.group.size)
+                op = "sum"
+
+            def reduce(out: torch.Tensor):
+                return self.group.reduce_scatter(out, gradient, op=op, async_op=True)
+
         if gradient.dtype == target.dtype and not self.accumulating:
-            handle = self.group.reduce_scatter(target, gradient, op=op, async_op=True)
+            handle = reduce(target)
         else:  # a narrower dtype to widen, or a gradient to add to the one already there
             pool = self.group.scratch  # reused from bucket to bucket: a fresh shard costs page faults
             shard = pool.take(target.numel(), gradient.dtype, gradient.device)
-            handle = self.group.reduce_scatter(shard, gradient, op=op, async_op=True)
+            handle = reduce(shard)
 
             def land() -> None:
                 if self.accumulating:
@@ -142,6 +141,15 @@ class ShardedMaster:
                 pool.give_back(shard)
 
             handle.then(land)
+        if then is not None:
+            handle.then(then)
+        return handle
+
+    def _reduce_whole(self, b: int, gradient: torch.Tensor, target: torch.Tensor, then=None):
+        """Average the whole bucket with the reducer (compressed, two-level), then keep our shard of it."""
+        handle = self.reducer.all_reduce(b, gradient)
+        own = gradient[self.owned[b]]
+        handle.then(lambda: target.add_(own) if self.accumulating else target.copy_(own))
         if then is not None:
             handle.then(then)
         return handle
@@ -178,16 +186,39 @@ class ShardedMaster:
             self.group.calibrate("all_gather", dtype, nbytes)
 
 
-def clip_sharded_grads_(master: MasterWeights, group: Group, max_norm: float) -> torch.Tensor:
-    """Clip by the global norm of gradients sharded over ``group``: local sums of squares, all-reduced."""
-    master.unscale()
+class ShardedRuntime(DataParallelRuntime):
+    """What ZeRO's runtimes share once ``self.shards`` (a :class:`ShardedMaster`) exists: the gradient norm."""
 
-    def sum_squares(local: torch.Tensor) -> torch.Tensor:
+    shards: ShardedMaster
+
+    def gradient_squares(self, counted: Callable[[nn.Parameter], bool] | None = None) -> torch.Tensor:
+        """This rank's master gradient shard's sum of squares, all-reduced over the shard group (4 bytes).
+
+        With ``counted``, only the elements of the parameters it accepts (padding never counts).
+        """
+        self.master.unscale()
+        grad = self.master.grad
+        if counted is None:
+            local = sum_of_squares([grad])
+        else:
+            if getattr(self, "_counted", (None,))[0] is not counted:
+                self._counted = (counted, self._counted_mask(counted))
+            local = torch.dot(grad, grad * self._counted[1])
         local = local.reshape(1)
-        group.all_reduce(local)
+        self.shards.group.all_reduce(local)  # the ranks sharing one copy (HSDP: the host's)
         return local[0]
 
-    return clip_flat_grads_([master.grad], max_norm, sum_squares)
+    def _counted_mask(self, counted: Callable[[nn.Parameter], bool]) -> torch.Tensor:
+        """1 where an element of the master gradient shard belongs to a counted parameter, 0 elsewhere."""
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        mask = torch.zeros_like(self.master.grad, dtype=torch.float32)
+        for segment in self.shards.segments():
+            if counted(params[segment.name]):
+                mask[segment.master_lo : segment.master_lo + segment.numel] = 1
+        return mask
+
+    def scale_gradients_(self, coef: torch.Tensor) -> None:
+        self.master.grad.mul_(coef.to(self.master.grad.dtype))
 
 
 class BucketPool:

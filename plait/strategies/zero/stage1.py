@@ -25,17 +25,18 @@ from torch import nn
 from plait.buffers import FlatBuffer
 from plait.checkpoint.format import Piece
 from plait.checkpoint.pieces import model_pieces
-from plait.comm import Context, Group, Handle
+from plait.comm import Handle
+from plait.comm.mesh import Mesh
 from plait.errors import ConfigError
-from plait.precision import DynamicLossScaler, parse_mixed_precision
-from plait.strategies.base import Runtime, Strategy, cast_frozen_parameters, flat_names
+from plait.precision import DynamicLossScaler, parse_mixed_precision, scale_output_gradients
+from plait.strategies.base import Strategy, cast_frozen_parameters, flat_names
 from plait.strategies.bucketing import GradientBuckets
-from plait.strategies.ddp import replicate_from_rank0
-from plait.strategies.master import scale_output_gradients
+from plait.strategies.compression.reducer import reducer_for
+from plait.strategies.data_parallel import replicate_from_rank0
 from plait.strategies.zero.sharding import (
     ShardedMaster,
+    ShardedRuntime,
     bucketed_buffers,
-    clip_sharded_grads_,
     group_major_order,
 )
 
@@ -48,25 +49,19 @@ scratch buffer; with every bucket in flight a 166M model faulted in 635 MiB of f
 step at 4 ranks (measured), where a window of two reuses two buffers."""
 
 
-class Stage1Runtime(Runtime):
+class Stage1Runtime(ShardedRuntime):
     """Full parameters and gradients on every rank; master and optimizer state sharded."""
 
     keeps_gradient_buffer = True
     theory = "reduce-scatter + all-gather 2(N-1)/N x gradient bytes"
 
     def __init__(
-        self,
-        strategy: Strategy,
-        module: nn.Module,
-        optimizer: torch.optim.Optimizer | None,
-        ctx: Context,
-        group: Group | None = None,
+        self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None, mesh: Mesh
     ):
-        """``group``: the data-parallel ranks to shard over (default: the whole world)."""
-        super().__init__(strategy, module, optimizer)
+        super().__init__(strategy, module, optimizer, mesh)
         if optimizer is None:
             raise ConfigError(f"zero{strategy.stage} shards the optimizer: pass optimizer= to plait.setup")
-        self.group = group = group or ctx.world
+        group = self.group
         self.compute = parse_mixed_precision(strategy.mixed_precision)
         params, group_of = group_major_order(module, optimizer)
         self.buckets = bucketed_buffers(
@@ -76,13 +71,19 @@ class Stage1Runtime(Runtime):
         scaler = DynamicLossScaler() if self.compute == torch.float16 else None
         # full precision: the optimizer steps on the model's own shard of each bucket, no master copy
         in_place = self.compute is None and all(flat.data.dtype == torch.float32 for flat in self.buckets)
-        self.shards = ShardedMaster(self.buckets, group_of, optimizer, group, scaler, in_place=in_place)
+        self.shards = ShardedMaster(
+            self.buckets, group_of, optimizer, group, scaler, in_place=in_place, skip_group=self.skip_group
+        )
         self.shards.load_from([flat.data for flat in self.buckets])  # full precision, before any cast
         if self.compute is not None:
             for flat in self.buckets:
                 flat.cast_(self.compute)
             cast_frozen_parameters(module, self.compute)
         self.shards.calibrate(self.buckets[0].data.dtype)
+        self.shards.reducer = reducer_for(strategy, mesh)
+        if self.shards.reducer is not None:
+            self.theory = f"{self.shards.reducer.describe()}; all-gather (N-1)/N x B"
+            self.shards.reducer.register_buffers(self.buckets)
         self.master = self.shards.master
         self.optimizer = self.master.optimizer
         self.optimizer.register_step_post_hook(lambda *_: self._gather_updated())
@@ -177,9 +178,6 @@ class Stage1Runtime(Runtime):
     def no_sync(self) -> contextlib.AbstractContextManager[None]:
         return self.schedule.no_sync()
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return clip_sharded_grads_(self.master, self.group, max_norm)
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank's fp32 master shards gathered (the parameters' true values under mixed precision)."""
         self.wait_for_parameters()
@@ -193,10 +191,20 @@ class Stage1Runtime(Runtime):
     def gradient_tensors(self) -> list[torch.Tensor]:
         return [flat.grad for flat in self.buckets]
 
+    def buffer_tensors(self) -> list[torch.Tensor]:
+        """Error-feedback residuals and PowerSGD's Q, when compressing."""
+        return self.shards.reducer.memory_tensors() if self.shards.reducer is not None else []
+
     def checkpoint_pieces(self, optimizer: object) -> list[Piece]:
         """This rank's fp32 master shards and their optimizer state; buffers and frozen parameters whole."""
         trainable = {id(p) for flat in self.buckets for p in flat.params}
-        return model_pieces(self.module, trainable) + self.master.checkpoint_pieces(self.shards.segments())
+        reducer = self.shards.reducer
+        compressed = reducer.checkpoint_pieces(self.group.rank) if reducer is not None else []
+        return (
+            model_pieces(self.module, trainable)
+            + self.master.checkpoint_pieces(self.shards.segments())
+            + compressed
+        )
 
     def after_checkpoint_load(self) -> None:
         self._gather_updated()
@@ -209,6 +217,8 @@ class Stage1Runtime(Runtime):
     def theory_bytes_per_step(self) -> int:
         """Reduce-scatter plus all-gather of every (padded) bucket: 2(N-1)/N x gradient bytes, as DDP."""
         total = sum(flat.data.numel() * flat.data.element_size() for flat in self.buckets)
+        if self.shards.reducer is not None:
+            return self.shards.reducer.theory_bytes() + (self.group.size - 1) * total // self.group.size
         return 2 * (self.group.size - 1) * total // self.group.size
 
 

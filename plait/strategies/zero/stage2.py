@@ -52,7 +52,7 @@ class Stage2Runtime(Stage1Runtime):
         return []  # no full-size buffer: the gradient shard is the master's
 
     def buffer_tensors(self) -> list[torch.Tensor]:
-        return self.transient.pool.tensors()
+        return self.transient.pool.tensors() + super().buffer_tensors()
 
     @property
     def pool(self) -> BucketPool:

@@ -16,6 +16,12 @@ Per step and rank: (N-1)/N x parameter bytes for each of the two all-gathers and
 1.5x DDP's 2(N-1)/N. Parameter, gradient and optimizer memory per rank: 1/N of DDP's, plus the
 units gathered at a time (the current one and the prefetched one).
 
+Under ``no_sync`` (gradient accumulation; a pipeline's micro-batches) gradients accumulate unsharded
+in each parameter's ``.grad`` and units stay gathered after their backward, as under FSDP's
+``no_sync``: the memory of the whole model and its gradient, until the synchronized backward (or
+``sync_gradients``) reduces the sums and reshards. The root unit is gathered by the forward of the
+model or of any module holding its parameters (a pipeline stage runs those without the root's).
+
 Saved activations that alias a parameter (a linear layer keeps its weight) read the regathered
 storage in backward: the parameter tensors never change, only the storage under them is freed
 and refilled (the approach of FSDP1's flat parameters).
@@ -24,7 +30,7 @@ and refilled (the approach of FSDP1's flat parameters).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import dataclasses
 from typing import Any
 
 import torch
@@ -33,14 +39,16 @@ from torch import nn
 from plait.buffers import FlatBuffer, free_storage, restore_storage
 from plait.checkpoint.format import Piece, flat_range_pieces
 from plait.checkpoint.pieces import model_pieces
-from plait.comm import Context, Group, Handle
+from plait.comm import Group, Handle
+from plait.comm.mesh import Mesh
 from plait.errors import ConfigError
-from plait.precision import DynamicLossScaler, parse_mixed_precision
-from plait.strategies.base import Runtime, Strategy, flat_names, group_ordered, parameter_names
+from plait.precision import DynamicLossScaler, parse_mixed_precision, scale_output_gradients
+from plait.strategies.base import Strategy, flat_names, group_index, group_ordered, parameter_names
 from plait.strategies.bucketing import GradientBuckets
-from plait.strategies.ddp import replicate_from_rank0
-from plait.strategies.master import flat_segments, scale_output_gradients
-from plait.strategies.zero.sharding import ShardedMaster, TransientGradients, clip_sharded_grads_
+from plait.strategies.compression.reducer import reducer_for
+from plait.strategies.data_parallel import replicate_from_rank0
+from plait.strategies.master import flat_segments
+from plait.strategies.zero.sharding import ShardedMaster, ShardedRuntime, TransientGradients
 
 
 def default_unit_modules(model: nn.Module) -> list[nn.Module]:
@@ -90,7 +98,7 @@ class Unit:
         self.handles = []
 
 
-class Stage3Runtime(Runtime):
+class Stage3Runtime(ShardedRuntime):
     """Parameters, gradients and optimizer state all sharded; units gathered around their use."""
 
     supports_no_sync = False
@@ -98,17 +106,21 @@ class Stage3Runtime(Runtime):
     theory = "2 all-gathers + reduce-scatter 3(N-1)/N x parameter bytes"
 
     def __init__(
-        self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
+        self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None, mesh: Mesh
     ):
-        super().__init__(strategy, module, optimizer)
+        super().__init__(strategy, module, optimizer, mesh)
         if optimizer is None:
             raise ConfigError("zero3 shards the optimizer: pass optimizer= to plait.setup")
-        self.group = group = ctx.world
+        group = self.group
         self.compute = parse_mixed_precision(strategy.mixed_precision)
         self.prefetch = strategy.prefetch
+        self.reducer = reducer_for(strategy, mesh, hsdp=True)
+        self.shard_group = self.reducer.levels.intra if strategy.hierarchical else group
+        """The ranks one copy of the parameters is sharded over: the dp group, or (HSDP) the host's ranks."""
         self.units = self._build_units(module, optimizer, strategy.unit_classes)
         replicate_from_rank0(module, [flat for unit in self.units for flat in unit.buffers], group)
         self._shard_master(optimizer)
+        self._register_buckets()
         self.optimizer = self.master.optimizer
         if self.compute is not None:
             self.optimizer.register_step_post_hook(lambda *_: self._refresh_compute_shards())
@@ -170,15 +182,25 @@ class Stage3Runtime(Runtime):
     def _flat(self, params: list[nn.Parameter], names: dict) -> FlatBuffer | None:
         if not params:
             return None
-        return FlatBuffer(params, pad_to=self.group.size, names=[names[p] for p in params], with_grad=False)
+        return FlatBuffer(
+            params, pad_to=self.shard_group.size, names=[names[p] for p in params], with_grad=False
+        )
 
     def _shard_master(self, optimizer: Any) -> None:
         """fp32 master of every unit's trainable shard; compute shards (views of it in fp32) for gathering."""
-        group_of = {p: g for g, members in enumerate(group_ordered(self.module, optimizer)) for p in members}
+        group_of = group_index(group_ordered(self.module, optimizer))
         trainable = [u.trainable for u in self.units if u.trainable is not None]
         scaler = DynamicLossScaler() if self.compute == torch.float16 else None
         # between steps stage 3 keeps no gradient at all (as FSDP2 after zero_grad): the shard is freed
-        self.shards = ShardedMaster(trainable, group_of, optimizer, self.group, scaler, release_grads=True)
+        self.shards = ShardedMaster(
+            trainable,
+            group_of,
+            optimizer,
+            self.shard_group,
+            scaler,
+            release_grads=True,
+            skip_group=self.skip_group,
+        )
         self.shards.load_from([flat.data for flat in trainable])  # full precision, before any cast
         if self.compute is not None:
             for unit in self.units:
@@ -192,8 +214,16 @@ class Stage3Runtime(Runtime):
                 if flat is unit.trainable and self.compute is None:
                     unit.shards.append(self.shards.master_slice(b))  # the master itself: no copy
                 else:
-                    unit.shards.append(flat.data[flat.shard(self.group.rank, self.group.size)].clone())
+                    owned = flat.shard(self.shard_group.rank, self.shard_group.size)
+                    unit.shards.append(flat.data[owned].clone())
             b += unit.trainable is not None
+
+    def _register_buckets(self) -> None:
+        """Compression or HSDP: each unit's trainable buffer is one bucket of the reducer."""
+        self.shards.reducer = self.reducer
+        if self.reducer is not None:
+            self.theory = f"{self.reducer.describe()}; 2 all-gathers (S-1)/S x B, S the ranks sharding a copy"
+            self.reducer.register_buffers([u.trainable for u in self.units if u.trainable is not None])
 
     def _refresh_compute_shards(self) -> None:
         for b, unit in enumerate(self._unit_of_bucket):
@@ -205,9 +235,15 @@ class Stage3Runtime(Runtime):
         for unit in self.units:
             unit.module.register_forward_pre_hook(self._before_forward(unit))
             unit.module.register_forward_hook(self._after_forward(unit))
+        root = self.units[0]
+        held = {id(p) for flat in root.buffers for p in flat.params}
+        for sub in self.module.modules():
+            if sub is not self.module and any(id(p) in held for p in sub.parameters(recurse=False)):
+                sub.register_forward_pre_hook(lambda *_: self._ensure(root))
+                sub.register_forward_hook(self._before_backward_hook(root, prefetch=False))
 
     def _ensure(self, unit: Unit) -> None:
-        unit.unshard(self.group)
+        unit.unshard(self.shard_group)
         unit.wait()
 
     def _before_forward(self, unit: Unit):
@@ -220,23 +256,36 @@ class Stage3Runtime(Runtime):
         return hook
 
     def _after_forward(self, unit: Unit):
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if unit is self.units[0] and self._recorded is not None:
-                self.forward_order, self._recorded = self._recorded or self.forward_order, None
+        regather = self._before_backward_hook(unit)
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if unit is self.units[0]:
+                self._stop_recording()
             unit.reshard()
+            regather(module, inputs, output)
+
+        return hook
+
+    def _before_backward_hook(self, unit: Unit, prefetch: bool = True):
+        """A forward hook that has the unit gathered again before the backward of what it computed."""
+        before = self._before_backward if prefetch else self._ensure
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             tensors = [
                 t
                 for t in torch.utils._pytree.tree_leaves(output)
                 if isinstance(t, torch.Tensor) and t.requires_grad
             ]
-            if (
-                tensors
-            ):  # fires once, when the first gradient w.r.t. the unit's output exists: its backward is next
-                torch.autograd.graph.register_multi_grad_hook(
-                    tensors, lambda _grad: self._before_backward(unit), mode="any"
-                )
+            if tensors:  # fires once, when the first gradient w.r.t. the output exists: its backward is next
+                torch.autograd.graph.register_multi_grad_hook(tensors, lambda _grad: before(unit), mode="any")
 
         return hook
+
+    def _stop_recording(self) -> None:
+        """The first forward (or, in a pipeline stage, the first synchronized step) fixed the order units run in."""
+        if self._recorded is not None:
+            self.forward_order = list(dict.fromkeys(self._recorded)) or self.forward_order
+            self._recorded = None
 
     def _before_backward(self, unit: Unit) -> None:
         self._ensure(unit)
@@ -255,7 +304,7 @@ class Stage3Runtime(Runtime):
         else:
             following = None
         if following is not None:
-            following.unshard(self.group)
+            following.unshard(self.shard_group)
 
     # -- gradients --------------------------------------------------------------------------------
 
@@ -270,27 +319,19 @@ class Stage3Runtime(Runtime):
         return self.transient.reduce(b)
 
     def _synced(self) -> None:
+        self._stop_recording()
         for unit in self.units:
             unit.reshard()
         self.transient.pool.clear()
-        self.group.release_scratch()  # between steps stage 3 keeps only its shards
+        self.shard_group.release_scratch()  # between steps stage 3 keeps only its shards
         self.shards.backward_done()
         self.master.attach_grads()
 
     # -- Runtime interface ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        raise ConfigError(
-            "model.no_sync() does not fit zero3: each unit's gradient is reduce-scattered and dropped as its "
-            "backward ends, so there is no local gradient to accumulate into. Call backward on each "
-            "micro-batch without no_sync (each one's gradient is reduced and added to the shard), or use "
-            "zero2, which supports no_sync."
-        )
-        yield  # pragma: no cover
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return clip_sharded_grads_(self.master, self.group, max_norm)
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Accumulate full gradients in ``.grad`` with units kept gathered (see the module doc): memory for fewer messages."""
+        return self.schedule.no_sync()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Gather every unit (the whole model, briefly), copy it out, free it again."""
@@ -302,7 +343,7 @@ class Stage3Runtime(Runtime):
                 for b, unit in enumerate(self._unit_of_bucket):
                     flat = unit.trainable
                     full = torch.empty(flat.data.numel(), dtype=torch.float32, device=flat.data.device)
-                    self.group.all_gather(full, self.shards.master_slice(b))
+                    self.shard_group.all_gather(full, self.shards.master_slice(b))
                     for name, i in flat_names(self.module, flat).items():
                         state[name] = (
                             full[flat.offsets[i] : flat.offsets[i] + flat.numels[i]]
@@ -321,21 +362,42 @@ class Stage3Runtime(Runtime):
     def theory_bytes_per_step(self) -> int:
         """Two all-gathers (forward, backward) and one reduce-scatter of every unit: 1.5x DDP's bytes."""
         total = sum(u.trainable.data.numel() * u.trainable.data.element_size() for u in self._unit_of_bucket)
-        return 3 * (self.group.size - 1) * total // self.group.size
+        size = self.shard_group.size
+        gathers = 2 * (size - 1) * total // size
+        return gathers + (
+            self.reducer.theory_bytes() if self.reducer is not None else (size - 1) * total // size
+        )
+
+    def theory_by_link(self) -> dict[str, int]:
+        """``theory_bytes_per_step`` by link level ("all" when not hierarchical); HSDP gathers within the host."""
+        total = sum(u.trainable.data.numel() * u.trainable.data.element_size() for u in self._unit_of_bucket)
+        size = self.shard_group.size
+        links = (
+            dict(self.reducer.theory_by_link())
+            if self.reducer is not None
+            else {"all": (size - 1) * total // size}
+        )
+        gathered = "intra-host" if self.strategy.hierarchical else "all"
+        links[gathered] = links.get(gathered, 0) + 2 * (size - 1) * total // size
+        return links
 
     def checkpoint_pieces(self, optimizer: object) -> list[Piece]:
         """The fp32 master shards with their optimizer state, the frozen shards, the buffers whole."""
         held = {id(p) for unit in self.units for flat in unit.buffers for p in flat.params}
-        pieces = model_pieces(self.module, held) + self.master.checkpoint_pieces(self.shards.segments())
+        pieces = self.master.checkpoint_pieces(self.shards.segments())
         for unit in self.units:
             for flat, shard in zip(unit.buffers, unit.shards):
                 if flat is unit.trainable:
                     continue
-                owned = flat.shard(self.group.rank, self.group.size)
+                owned = flat.shard(self.shard_group.rank, self.shard_group.size)
                 for seg in flat_segments(flat, owned.start, owned.stop, 0):
                     values = shard[seg.master_lo : seg.master_lo + seg.numel]
                     pieces += flat_range_pieces(f"model/{seg.name}", seg.shape, seg.param_lo, values)
-        return pieces
+        if self.shard_group is not self.group:  # HSDP: host 0 writes the shards, every host reads them
+            first_host = self.reducer.levels.inter.rank == 0
+            pieces = [dataclasses.replace(p, save=first_host) for p in pieces]
+        compressed = self.reducer.checkpoint_pieces(self.group.rank) if self.reducer is not None else []
+        return model_pieces(self.module, held) + pieces + compressed
 
     def after_checkpoint_load(self) -> None:
         if self.compute is not None:
@@ -347,4 +409,6 @@ class Stage3Runtime(Runtime):
         ]
 
     def buffer_tensors(self) -> list[torch.Tensor]:
-        return self.transient.pool.tensors()
+        """Idle bucket buffers; error-feedback residuals and PowerSGD's Q, when compressing."""
+        compressed = self.reducer.memory_tensors() if self.reducer is not None else []
+        return self.transient.pool.tensors() + compressed

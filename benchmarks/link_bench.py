@@ -1,0 +1,139 @@
+"""Data parallelism over a slow link: 2 emulated hosts x 1 rank (plait.testing.hosts), median step.
+
+    flock /tmp/plait-cpu.lock python benchmarks/link_bench.py --rate 1gbit --steps 12 \
+        --candidates plait-ddp,plait-ddp-powersgd,torch-ddp-powersgd
+
+Candidates: plait-none (no communication), plait-<ddp|zero1|zero2|zero3>[-<bf16|powersgd|sign>]
+(e.g. plait-ddp-powersgd, plait-zero3-powersgd), torch-ddp, torch-ddp-powersgd. plait's rows also
+give the median seconds per step its comm layer spent in collectives (median_comm_s).
+
+Needs root (network namespaces, tc). Each candidate is one torchrun job per host (c10d rendezvous on
+host a by name, gloo on the shaped veth link), run in turn; the GPT trains on random tokens,
+--batch (default 4) x block_size per rank, AdamW. torch's PowerSGD hook runs with one bucket
+(bucket_cap_mb above the gradient): with several it aborts on gloo (shared/FACTS.md). Prints one
+JSON line per candidate: median step after the first two, first and last loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PORT = 29517
+
+
+def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: int) -> None:
+    import torch.distributed as dist
+
+    import plait
+    from plait.models import GPT, PRESETS
+
+    config = PRESETS[model_name]
+    torch.manual_seed(0)
+    model = GPT(config)
+    if candidate.startswith("plait"):
+        ctx = plait.init()
+        rank = ctx.rank
+        base, *scheme = candidate.split("-")[1:]  # plait-<none|ddp|zero1|zero2|zero3>[-<scheme>]
+        compression = {"powersgd": plait.PowerSGD(rank=rank_param), "bf16": "bf16", "sign": "sign"}.get(
+            scheme[0] if scheme else None
+        )
+        # "none": each rank trains alone, the step with no communication (the physical limit)
+        if base == "none":
+            strategy = "none"
+        elif base == "ddp":
+            strategy = plait.DDP(compression=compression)
+        else:
+            strategy = plait.Zero(stage=int(base[-1]), compression=compression)
+        model, opt = plait.setup(model, strategy, lambda ps: plait.optim.AdamW(ps, lr=3e-4))
+    else:
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        if candidate == "torch-ddp":
+            model = DistributedDataParallel(model)
+        else:
+            gradient_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+            model = DistributedDataParallel(model, bucket_cap_mb=gradient_mb + 16)  # one bucket
+            state = powersgd.PowerSGDState(None, matrix_approximation_rank=rank_param, start_powerSGD_iter=2)
+            model.register_comm_hook(state, powersgd.powerSGD_hook)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    generator = torch.Generator().manual_seed(1 + rank)
+    times, losses, comm = [], [], []
+    for _ in range(steps):
+        before = sum(t.seconds for t in ctx.stats.totals.values()) if candidate.startswith("plait") else 0.0
+        tokens = torch.randint(0, config.vocab_size, (batch, config.block_size + 1), generator=generator)
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        if candidate.startswith("plait"):  # seconds the comm layer spent in its ops (launch + wait)
+            comm.append(sum(t.seconds for t in ctx.stats.totals.values()) - before)
+    if rank == 0:
+        result = {"candidate": candidate, "median_step_s": round(statistics.median(times[2:]), 4)}
+        result.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), steps=steps, batch=batch)
+        if comm:
+            result.update(median_comm_s=round(statistics.median(comm[2:]), 4))
+        print("RESULT " + json.dumps(result), flush=True)
+    if candidate.startswith("plait"):
+        plait.shutdown(exit_code=0)
+    else:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def drive(args: argparse.Namespace) -> None:
+    from plait.testing.hosts import Hosts
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "eth0"}
+    with Hosts(2, rate=args.rate) as hosts:
+        for n, candidate in enumerate(args.candidates.split(",")):
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", hosts.endpoint(PORT + n),
+                    "--rdzv-id", f"link-bench-{n}", __file__, "--worker", candidate, "--model", args.model,
+                    "--steps", str(args.steps), "--rank", str(args.rank), "--batch", str(args.batch)]  # fmt: skip
+            jobs = [hosts.popen(i, argv, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for i in range(2)]  # fmt: skip
+            outputs = [job.communicate(timeout=300) for job in jobs]
+            lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT ")]
+            if not lines:
+                print(json.dumps({"candidate": candidate, "error": outputs[0][1][-1500:]}), flush=True)
+                continue
+            result = json.loads(lines[0][len("RESULT ") :])
+            result.update(rate=args.rate, model=args.model, hosts="2 x 1 rank")
+            print(json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", default="1gbit", help="tc tbf rate of every host's link")
+    parser.add_argument("--model", default="gpt-bench-7m")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank (plait and torch)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences of block_size tokens per rank and step")
+    parser.add_argument("--candidates", default="plait-ddp,plait-ddp-powersgd,torch-ddp-powersgd")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.model, args.steps, args.rank, args.batch)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()

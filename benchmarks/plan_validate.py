@@ -1,0 +1,191 @@
+"""Predicted against measured: ``plait plan``'s step time and memory per rank beside short real runs.
+
+One scenario per call (a model, ranks, a batch): measure the profile here (``plait plan --profile``),
+predict every candidate, then train each candidate named in ``--candidates`` for ``--steps`` steps
+with ``plait train`` (median step after the first; peak RSS of the largest rank) and print a
+markdown table with the errors, and whether the pick was the measured fastest (or within 5%).
+
+    python benchmarks/plan_validate.py --model gpt-tiny --nproc 2 --global-batch 32 --micro-batch 8 \
+        --candidates ddp,zero1,zero2,zero3,tp,pp --out runs/plan_validate/tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from plait.launch import LaunchConfig
+from plait.plan.measure import measure_profile
+from plait.plan.planner import make_plan, measure_candidate
+from plait.plan.profile import Profile, load
+from plait.plan.workload import workload_for
+
+PORT = 29541
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gpt-tiny")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each candidate; the fastest is kept")
+    parser.add_argument(
+        "--caps-gb",
+        default="",
+        help="memory caps (model states, GB) to re-plan under: more scenarios, same runs",
+    )
+    parser.add_argument(
+        "--candidates", default="ddp,zero1,zero2,zero3,tp,pp", help="labels as plait plan prints them"
+    )
+    parser.add_argument("--hosts", type=int, default=1, help="emulated hosts (plait.testing.hosts; root)")
+    parser.add_argument("--rate", default="1gbit", help="with --hosts: tc rate of each host's link")
+    parser.add_argument("--out", default="runs/plan_validate/result.json")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.hosts > 1:
+        from plait.testing.hosts import Hosts
+
+        with Hosts(args.hosts, rate=args.rate) as hosts:
+            validate(args, out, OnHosts(hosts, args.nproc))
+    else:
+        validate(args, out, None)
+
+
+class OnHosts:
+    """One job over emulated hosts (``plait.testing.hosts``): a launcher per host, gloo on the shaped link."""
+
+    def __init__(self, hosts, nproc: int) -> None:
+        self.hosts, self.nproc, self.jobs = hosts, nproc, 0
+        root = Path(__file__).resolve().parents[1]
+        self.env = {**os.environ, "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "eth0"}
+
+    def rendezvous(self) -> list[str]:
+        """Launcher flags of a new job: every host's torchrun meets on host a."""
+        self.jobs += 1
+        return ["--nnodes", str(len(self.hosts)), "--rdzv-endpoint", self.hosts.endpoint(PORT + self.jobs),
+                "--rdzv-id", f"plan-validate-{os.getpid()}-{self.jobs}"]  # fmt: skip
+
+    def run(self, argv: list[str]) -> tuple[int, str]:
+        jobs = [
+            self.hosts.popen(i, argv, self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for i in range(len(self.hosts))
+        ]
+        errors = [job.communicate(timeout=400)[1] for job in jobs]
+        return next((job.returncode for job in jobs if job.returncode), 0), "\n".join(errors)
+
+    def profile(self, model: str, micro_batch: int, path: str) -> Profile:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.nproc),
+                "--rdzv-backend", "c10d", *self.rendezvous(), "-m", "plait.plan", model, str(micro_batch), path]  # fmt: skip
+        code, errors = self.run(argv)
+        if code != 0:
+            raise SystemExit(f"measuring the profile on the hosts failed:\n{errors[-3000:]}")
+        return load(path)
+
+
+def validate(args: argparse.Namespace, out: Path, on_hosts: OnHosts | None) -> None:
+    path = str(out.with_suffix(".profile.json"))
+    if on_hosts is None:
+        profile = measure_profile(args.model, args.micro_batch, LaunchConfig(nproc=args.nproc), path)
+    else:
+        profile = on_hosts.profile(args.model, args.micro_batch, path)
+    workload = workload_for(args.model, args.global_batch, args.micro_batch)
+    world = args.nproc * args.hosts
+    plan = make_plan(workload, profile, world, args.hosts)
+
+    def measure(candidate) -> dict:
+        if on_hosts is None:
+            return measure_candidate(candidate, args.model, args.nproc, workload, args.steps, [])
+        return measure_candidate(
+            candidate, args.model, args.nproc, workload, args.steps, on_hosts.rendezvous(), on_hosts.run
+        )
+
+    wanted = args.candidates.split(",")
+    chosen = [p for p in plan.predictions if p.candidate.label in wanted]
+    runs: dict[str, list[dict]] = {p.candidate.label: [] for p in chosen}
+    for round_ in range(args.rounds):  # in turn, the order reversed each round: a disturbed slice of
+        # the machine hits one run of a candidate, and its fastest run is kept
+        for p in chosen if round_ % 2 == 0 else chosen[::-1]:
+            runs[p.candidate.label].append(measure(p.candidate))
+    rows = []
+    for p in chosen:
+        measured = min(runs[p.candidate.label], key=lambda m: m["measured_step_s"])
+        rows.append(
+            {
+                "strategy": p.candidate.label,
+                "predicted_step_s": p.step_s,
+                "measured_step_s": measured["measured_step_s"],
+                "predicted_mem_gb": p.mem_bytes / 1e9,
+                "measured_mem_gb": measured["measured_mem_gb"],
+                "predicted_model_state_gb": p.model_state_bytes / 1e9,
+                "measured_model_state_gb": measured["measured_model_state_gb"],
+                "predicted_comm_s": p.exposed_comm_s,
+                "measured_comm_s": measured["measured_comm_s"],
+                "predicted_compute_s": p.compute_s + p.optimizer_s,
+                "predicted_activation_gb": p.activation_bytes / 1e9,
+                "predicted_buffer_gb": p.buffer_bytes / 1e9,
+                "measured_step_s_runs": [m["measured_step_s"] for m in runs[p.candidate.label]],
+                "exact": p.candidate.exact,
+                "pick": p is plan.pick,
+            }
+        )
+    scenarios = []
+    for cap in [None, *(float(c) for c in filter(None, args.caps_gb.split(",")))]:
+        capped = make_plan(workload, profile, world, args.hosts, cap)
+        # the pick is made among the exact candidates (lossy compression is never picked): it is
+        # judged against the fastest of those that fit
+        fitting = [r for r in rows if r["exact"] and (cap is None or r["measured_model_state_gb"] <= cap)]
+        fastest = min(fitting, key=lambda r: r["measured_step_s"])
+        pick = next((r for r in rows if r["strategy"] == capped.pick.candidate.label), None)
+        scenarios.append(
+            {
+                "mem_cap_gb": cap,
+                "pick": capped.pick.candidate.label,
+                "measured_fastest": fastest["strategy"],
+                "pick_within_5pct": pick is not None
+                and pick["measured_step_s"] <= 1.05 * fastest["measured_step_s"],
+            }
+        )
+    result = {
+        "model": args.model,
+        "nproc": args.nproc,
+        "hosts": args.hosts,
+        "rate": args.rate if args.hosts > 1 else None,
+        "global_batch": args.global_batch,
+        "micro_batch": args.micro_batch,
+        "rows": rows,
+        "scenarios": scenarios,
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"| {args.model}, {args.hosts} x {args.nproc} ranks{f' at {args.rate}' if args.hosts > 1 else ''}, B={args.global_batch}, b={args.micro_batch} | predicted step | measured step | error | predicted mem | measured mem | error |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    errors = []
+    for r in rows:
+        step_error = r["predicted_step_s"] / r["measured_step_s"] - 1
+        mem_error = r["predicted_mem_gb"] / r["measured_mem_gb"] - 1
+        errors.append(abs(step_error))
+        print(
+            f"| {r['strategy']}{' (pick)' if r['pick'] else ''} | {r['predicted_step_s'] * 1e3:,.0f} ms | "
+            f"{r['measured_step_s'] * 1e3:,.0f} ms | {step_error:+.0%} | {r['predicted_mem_gb'] * 1e3:,.0f} MB | "
+            f"{r['measured_mem_gb'] * 1e3:,.0f} MB | {mem_error:+.0%} |"
+        )
+    print(f"median |step error| {statistics.median(errors):.0%}, max {max(errors):.0%}")
+    for sc in scenarios:
+        print(
+            f"cap {sc['mem_cap_gb']} GB: pick {sc['pick']}, measured fastest {sc['measured_fastest']}, "
+            f"pick within 5%: {sc['pick_within_5pct']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
