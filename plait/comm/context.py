@@ -253,11 +253,16 @@ def shutdown(exit_code: int | None = None) -> None:
     """Leave the process group; ``init`` may be called again afterwards.
 
     In a job of several ranks, this process then ends without interpreter teardown, keeping its
-    exit status: a rank can die of SIGABRT during teardown after a run that succeeded ("terminate
-    called without an active exception" from the main thread with no Python frame left, after
-    ``destroy_process_group``: 1 of 14 `plait launch -n 2` runs of a script ending here, beside a
-    busy core; shared/FACTS.md saw it without plait too). Its cause is not found (which thread or
-    object calls ``std::terminate`` was not identified; docs/benchmarks.md): this works around it.
+    exit status. Teardown can kill a rank that finished well with SIGABRT ("terminate called without
+    an active exception"; 2 of 40 torchrun jobs of a 3-step gloo DDP script beside a busy core,
+    benchmarks/teardown_abort.py). The cause, from core dumps: a gloo worker thread drops its last
+    reference to a finished work while the main thread is in ``Py_FinalizeEx``; the work's captured
+    thread-local state holds the ``contextvars.Context`` that torch stashes for every ``backward()``,
+    and releasing it takes the GIL, which CPython refuses a thread during finalization by ending it
+    with ``pthread_exit``; that unwind through a noexcept destructor calls ``std::terminate``
+    (pytorch/pytorch#117762, #190489). While anything still holds the group (a DDP reducer, a
+    strategy's runtime), ``destroy_process_group`` does not join gloo's worker threads, and a
+    thread's last release of a work cannot be waited for from Python; not finalizing closes the window.
     So the first exit handler to run (the last registered) runs the others (logging's flush...),
     flushes every open file, and leaves with ``os._exit``: status 1 after an uncaught exception, the code given to ``sys.exit``, else 0.
     (``raise SystemExit(n)`` written out bypasses ``sys.exit`` and ends with 0: call ``sys.exit``;
