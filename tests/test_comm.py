@@ -182,3 +182,18 @@ def test_multi_node_jobs_need_an_unguessable_rendezvous_id():
             LaunchConfig(nnodes="2", rdzv_endpoint="hosta:29500", rdzv_id=guessable)
     with pytest.raises(plait.ConfigError, match="nproc=0"):
         LaunchConfig(nproc=0)
+
+
+def test_thread_seconds_count_only_the_calling_threads_ops():
+    """A straggler's busy time is its step less its own waits: a colocated server thread's receives,
+    which overlap the worker's compute, are in the totals but not in the worker thread's seconds."""
+    import threading
+
+    from plait.comm.stats import CommStats
+
+    stats = CommStats()
+    stats.account("send", 10, 0, 2.0)
+    server = threading.Thread(target=stats.account, args=("recv", 0, 10, 5.0))
+    server.start()
+    server.join()
+    assert stats.thread_seconds() == 2.0 and stats.seconds == 7.0

@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import os
 import sys
+import threading
 import time
 
 _PLAIT_COMM_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -103,6 +104,8 @@ class CommStats:
         """The same bytes and seconds by link level (:data:`INTRA_HOST`, :data:`INTER_HOST`)."""
         self.log: collections.deque[OpRecord] = collections.deque(maxlen=log_size)
         self._seq: dict[str, int] = collections.defaultdict(int)
+        self._thread_seconds: dict[int, float] = {}
+        """Seconds per thread (its ident) spent in ops: each thread writes only its own entry."""
 
     def begin(self, op: str, group: str, shape: tuple[int, ...], dtype: str, nbytes: int) -> OpRecord:
         seq = self._seq[group]
@@ -119,6 +122,16 @@ class CommStats:
             totals.bytes_sent += sent
             totals.bytes_received += received
             totals.seconds += seconds
+        me = threading.get_ident()
+        self._thread_seconds[me] = self._thread_seconds.get(me, 0.0) + seconds
+
+    def thread_seconds(self) -> float:
+        """Seconds the calling thread has spent in ops (launching them and waiting on them).
+
+        The totals also hold other threads' waits, a colocated parameter server's receives say,
+        which overlap this thread's work.
+        """
+        return self._thread_seconds.get(threading.get_ident(), 0.0)
 
     def snapshot(self) -> dict[str, OpTotals]:
         """A copy of the totals, to subtract from a later snapshot (see :func:`delta`)."""

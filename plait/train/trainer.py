@@ -193,6 +193,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         before = self.ctx.stats.snapshot()
+        waited = self.ctx.stats.thread_seconds()
         start = time.perf_counter()
         x, y = self.sampler.next_batch()
         # the runtime owns the step: accumulation, a pipeline's schedule, the loss reduced once (a
@@ -205,11 +206,11 @@ class Trainer:
         self.optimizer.zero_grad()
         if train.slow_rank == self.ctx.rank and train.slow_factor > 1:
             # a straggler for experiments: this rank computes slow_factor times as long. Only its busy
-            # time is scaled (the step less its time blocked in collectives, which is waiting for the
-            # others): scaling the whole step would make its sleep grow with every wait, and a rank
-            # given less work would stay exactly as slow
-            blocked = delta(self.ctx.stats.snapshot(), before)
-            busy = time.perf_counter() - start - sum(t.seconds for t in blocked.values())
+            # time is scaled (the step less the time this thread was blocked in communication, which
+            # is waiting for the others; not a colocated server thread's waits, which overlap it):
+            # scaling the whole step would make its sleep grow with every wait, and a rank given less
+            # work would stay exactly as slow
+            busy = time.perf_counter() - start - (self.ctx.stats.thread_seconds() - waited)
             time.sleep((train.slow_factor - 1) * max(0.0, busy))
         step_time = time.perf_counter() - start
         comm = delta(self.ctx.stats.snapshot(), before)
