@@ -69,9 +69,14 @@ def test_diloco_outer_settings_follow_the_period():
 
 
 def _regression(
-    strategy: plait.Strategy, steps: int, slow_rank: int | None = None, die_at: int | None = None
+    strategy: plait.Strategy,
+    steps: int,
+    slow_rank: int | None = None,
+    die_at: int | None = None,
+    final: bool = False,
 ) -> dict:
-    """Linear regression y = X w* on each worker's own data; returns the distance to w* and the metrics."""
+    """Linear regression y = X w* on each worker's own data; returns the distance to w* and the metrics
+    (and, with ``final``, the weights after ``final_parameters``)."""
     ctx = plait.init()
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1, bias=False)
@@ -89,9 +94,12 @@ def _regression(
         opt.step()
         opt.zero_grad()
     runtime = model.plait_runtime
+    if final:
+        runtime.final_parameters()
     return {
         "distance": float((model.weight.detach() - target).norm()),
         "metrics": runtime.metrics(),
+        "weight": model.weight.detach().flatten().tolist(),
     }
 
 
@@ -120,6 +128,16 @@ def test_unbounded_staleness_runs_ahead_of_a_straggler():
     results = run_ranks(_regression, 3, plait.AsyncPS(staleness=None), 40, 2)
     leads = {int(k) for r in results for k in r["metrics"]["staleness_histogram"]}
     assert max(leads) > 2, leads
+
+
+@pytest.mark.parametrize("servers", [0, 1], ids=["colocated", "dedicated"])
+def test_every_worker_ends_with_the_servers_final_parameters(servers):
+    """The straggler (rank 1) pushes long after the fast workers' last replies: their replicas miss its
+    last steps until ``final_parameters`` installs the servers' final state, the same in every worker."""
+    strategy = plait.AsyncPS(staleness=None, servers=servers)
+    results = run_ranks(_regression, 3, strategy, 20, 1, None, True)
+    weights = [r["weight"] for r in results[: 3 - servers]]
+    assert all(w == weights[0] for w in weights), weights
 
 
 def test_a_dead_worker_is_named_instead_of_a_hang():

@@ -203,6 +203,14 @@ class Runtime:
         its pushes. Idempotent; ``plait.shutdown`` does it too.
         """
 
+    def final_parameters(self) -> None:
+        """Training has ended on this rank: make its model the run's final parameters.
+
+        A no-op where every replica holds them after the last step. An asynchronous worker's
+        replica is the last reply it got, which the other workers' later pushes leave behind: it
+        installs the servers' final state, waiting (like a closing collective) for the last worker.
+        """
+
     def metrics(self) -> dict[str, Any]:
         """Strategy-specific figures for the per-step metrics (staleness, synchronizations, ...)."""
         return {}

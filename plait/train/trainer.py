@@ -315,6 +315,8 @@ class Trainer:
                     plait.check_replicas(self.model)
                 if train.save_every and ((step + 1) % train.save_every == 0 or last):
                     self._save(step + 1)
+                if last:  # the final evaluation (and the model fit leaves) is of the run's final parameters
+                    self.runtime.final_parameters()
                 if train.eval_every and (step % train.eval_every == 0 or last):
                     val = self.evaluate()
                     self.log.write("eval", step=step, time=time.perf_counter() - started, val_loss=val)

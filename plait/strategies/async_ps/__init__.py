@@ -71,7 +71,10 @@ a server cannot join a background save's later completion).
 
 A worker that leaves tells the servers (version -1): ``plait.shutdown()`` does, and the trainer
 does as soon as its last step is taken (``finish_training``), before its closing all-gather, where
-a worker waiting for a straggler would otherwise look silent to the straggler's server. A server
+a worker waiting for a straggler would otherwise look silent to the straggler's server. The
+trainer then installs the servers' final state in every worker (``final_parameters``: an
+all-gather of the colocated shards, or a last reply from each dedicated server), so the model
+that is evaluated at the end is the one the run produced, not a worker's last, older reply. A server
 that hears from no active worker for ``timeout_s`` seconds, or loses one, tells the others which
 worker it lost (version -2) and fails; so does a worker whose server goes silent. No hang.
 Communication per worker step: the gradient out and the parameters back, 2 x parameter bytes
@@ -201,6 +204,7 @@ class PSRuntime(Runtime):
         self.worker: Worker | None = None
         self.optimizer = None
         self._server_thread: threading.Thread | None = None
+        self._final = False
         self._started = time.monotonic()
         if is_worker:
             self.worker = Worker(self.flat, self.bounds, self.servers, ps, ctx.rank, strategy.timeout_s)
@@ -237,6 +241,30 @@ class PSRuntime(Runtime):
         """
         if self.worker is not None:
             self.worker.leave(self.n_groups)
+
+    def final_parameters(self) -> None:
+        """Install the servers' final shards once every worker is done (the model a checkpoint saves).
+
+        Colocated: this rank's shard is final once its server thread has ended (every other
+        worker left) and this worker has left; the workers then all-gather their shards. Dedicated
+        servers send each worker their final shard when the last worker has left.
+        """
+        if self.worker is None or self._final:
+            return
+        self._final = True
+        self.finish_training()
+        if self.strategy.servers:
+            self.worker.pull_final()
+            return
+        self._server_thread.join()
+        widths = [hi - lo for lo, hi in zip(self.bounds, self.bounds[1:])]
+        width, data = max(widths), self.flat.data
+        mine = torch.zeros(width, dtype=data.dtype)
+        mine[: widths[self.dp_rank]].copy_(self.server.shard.master.data)
+        every = torch.empty(width * len(widths), dtype=data.dtype)
+        self.dp_group.all_gather(every, mine)
+        for index, lo in enumerate(self.bounds[:-1]):
+            data[lo : lo + widths[index]].copy_(every[index * width : index * width + widths[index]])
 
     # -- Runtime interface ------------------------------------------------------------------------
 

@@ -211,6 +211,20 @@ class Server:
                     last_heard = {w: time.monotonic() for w in remote}
                 continue
             self.shard.push(worker, message[:size], message[size + 1 :].tolist(), self._replier(worker))
+        if self.rank not in self.shard.clock:
+            self._send_final()
+
+    def _send_final(self) -> None:
+        """A dedicated server's last word: its final shard to every worker (``Worker.pull_final``).
+
+        A worker that ended without asking for it (``plait.shutdown`` outside the trainer) has
+        closed its connection: that send fails, and nothing else depends on it.
+        """
+        message = torch.cat([self.shard.master.data, torch.tensor([float(self.shard.version)])])
+        sends = [self.ps.send(message, worker, async_op=True, tag=REPLY) for worker in self.remote]
+        for send in sends:
+            with contextlib.suppress(RuntimeError):
+                send.wait()
 
     def _checkpoint(self, requests: dict[int, dict]) -> None:
         request = next(iter(requests.values()))

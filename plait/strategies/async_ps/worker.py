@@ -109,6 +109,24 @@ class Worker:
                 message[size] = DONE
                 self.ps.send(message, server, tag=PUSH)
 
+    def pull_final(self) -> None:
+        """Install every (dedicated) server's final shard, sent once the last worker has left.
+
+        Waits as long as the slowest worker takes (up to the process group's timeout): a server
+        that loses a worker meanwhile replies ABORT instead.
+        """
+        for index, server in enumerate(self.servers):
+            lo, hi = self.bounds[index], self.bounds[index + 1]
+            reply = torch.empty(hi - lo + 1)
+            try:
+                self.ps.recv(reply, server, tag=REPLY)
+            except RuntimeError as e:
+                raise RuntimeError(f"parameter server: lost server rank {server} ({e})") from None
+            if reply[-1].item() == ABORT:
+                raise RuntimeError(f"parameter server rank {server} gave up: {lost(reply)}")
+            self.flat.data[lo:hi].copy_(reply[:-1])
+            self.version = int(reply[-1].item())
+
     def request_checkpoint(self, request: dict, n_groups: int) -> None:
         """Ask every (dedicated) server to take its part in a checkpoint save or load."""
         for index, server in enumerate(self.servers):
