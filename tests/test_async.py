@@ -199,6 +199,7 @@ def test_local_sgd_and_diloco_converge():
         (dict(staleness=-1), "staleness=-1"),
         (dict(servers=-2), "servers=-2"),
         (dict(timeout_s=0), "timeout_s=0"),
+        (dict(sync_steps=-1), "sync_steps=-1"),
     ],
 )
 def test_bad_async_arguments(kwargs, fragment):
@@ -227,7 +228,7 @@ def _shard(workers: int, optimizer: str = "sgd", **kwargs):
     make = {"sgd": plait.optim.SGD, "adamw": plait.optim.AdamW}[optimizer]
     master = MasterWeights([GroupRun(4, 0)], make([param], lr=0.1), torch.device("cpu"), group=None)
     master.data.copy_(start)
-    shard = Shard(master, list(range(workers)), plait.AsyncPS(**kwargs))
+    shard = Shard(master, list(range(workers)), plait.AsyncPS(**{"sync_steps": 0, **kwargs}))
     sent = {}
 
     def push(worker: int, grad: list[float]) -> None:
@@ -356,3 +357,19 @@ def test_rules_joined_by_plus_apply_both():
     assert plait.AsyncPS().rules() == {"lookahead", "staleness-lr"}
     with pytest.raises(plait.ConfigError, match="lookahead\\+nope"):
         plait.AsyncPS(compensation="lookahead+nope")
+
+
+def test_sync_steps_hold_every_reply_until_the_step_then_let_go():
+    """sync_steps=2: a worker's first two pushes are answered only once every worker pushed (the
+    synchronous step, version 0 behind); from the third on, at once, whoever else has pushed."""
+    shard, push, sent = _shard(2, "sgd", compensation="none", sync_steps=2)
+    for round_ in (1, 2):
+        push(0, GRADS[0])
+        assert 0 not in sent and shard.bound() == 0
+        push(1, GRADS[1])
+        assert shard.version == round_ and set(sent) == {0, 1}
+        assert torch.equal(sent[0], shard.master.data) and torch.equal(sent[1], shard.master.data)
+        sent.clear()
+    push(0, GRADS[0])
+    assert shard.bound() is None and 0 in sent and shard.version == 2  # answered before worker 1 pushed
+    assert shard.versions_behind == {0: 5}

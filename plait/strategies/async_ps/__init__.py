@@ -13,6 +13,11 @@ except as the staleness bound says:
 * ``staleness=0``: bulk synchronous: every reply waits for every worker's push, which reproduces
   ddp exactly.
 
+Whatever the bound, the first ``sync_steps`` steps of every worker (default 10) are synchronous:
+from a random start, under the learning-rate warm-up, the gradients and the steps are largest and
+a stale one costs most (post-local SGD, Lin et al., ICLR 2020, starts synchronous for the same
+reason). It costs those few steps' waiting for the slowest worker.
+
 How big an update a push makes (``update``). A synchronous step averages N workers' gradients and
 steps once. Dividing each push's gradient by N is right for SGD only: Adam is invariant to the
 gradient's scale, so every push would still move the parameters a whole step.
@@ -128,6 +133,9 @@ class AsyncPS(Strategy):
     "lookahead" (reply the parameters extrapolated to where the push will land), several joined by "+", or "none"."""
     dc_lambda: float = 1.0
     """compensation="dc": lambda in g + lambda * g * g * (w_now - w_then)."""
+    sync_steps: int = 10
+    """The first this many steps of every worker are synchronous (staleness 0), then ``staleness``
+    applies: stale gradients cost most in the first steps from a random start."""
 
     def __post_init__(self) -> None:
         if self.staleness is not None and (not isinstance(self.staleness, int) or self.staleness < 0):
@@ -143,6 +151,8 @@ class AsyncPS(Strategy):
                 f"compensation={self.compensation!r} is not known; use one of {', '.join(COMPENSATIONS)} "
                 "or several joined by '+' (lookahead+staleness-lr)"
             )
+        if not isinstance(self.sync_steps, int) or self.sync_steps < 0:
+            raise ConfigError(f"sync_steps={self.sync_steps!r} must be an integer >= 0")
         if self.dc_lambda < 0:
             raise ConfigError(f"dc_lambda={self.dc_lambda} must be >= 0")
 

@@ -74,7 +74,7 @@ class Shard:
         (1 when a step is filling, 0 right after the push that completed one: a synchronous reply).
         """
         others = len(self.active) - 1
-        if self.strategy.update == "scale" and self.strategy.staleness != 0:
+        if self.strategy.update == "scale" and self.bound() != 0:
             return max(others, 0)
         return (self.count + others) // max(len(self.active), 1)
 
@@ -85,7 +85,7 @@ class Shard:
             self.clock[worker] += 1
             self.lrs = lrs
             grad, weight = self.compensate(worker, grad)
-            if self.strategy.update == "scale" and self.strategy.staleness != 0:
+            if self.strategy.update == "scale" and self.bound() != 0:
                 self._step(grad, weight / len(self.clock))
             else:
                 self.total.add_(grad, alpha=weight)
@@ -129,13 +129,20 @@ class Shard:
             torch.sub(self.master.data, self.last_step, out=self.last_step)
         self.version += 1
 
+    def bound(self) -> int | None:
+        """The staleness bound in force: 0 (synchronous) until every active worker has made
+        ``sync_steps`` pushes, then the strategy's."""
+        slowest = min((self.clock[w] for w in self.active), default=0)
+        return 0 if slowest < self.strategy.sync_steps else self.strategy.staleness
+
     def _release(self) -> None:
         """Answer every held worker the staleness bound now lets go on."""
         slowest = min((self.clock[w] for w in self.active), default=0)
+        bound = self.bound()
         keep = []
         for worker, reply in self.held:
             lead = self.clock[worker] - slowest
-            if self.strategy.staleness is None or lead <= self.strategy.staleness:
+            if bound is None or lead <= bound:
                 # the staleness this worker computes at: how many steps it is ahead of the slowest
                 self.staleness_seen[max(lead, 0)] += 1
                 reply()
