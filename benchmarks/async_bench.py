@@ -13,13 +13,17 @@ and against step, one curve per strategy, one row per condition.
 
 A full race is ~30 jobs of 2-3 minutes on 2 cores: ``--only`` and ``--conditions`` run a part of
 it, ``--reuse`` keeps the jobs in ``--out`` that already finished, so the race can be run in
-pieces and the table and plot made from all of them.
+pieces and the table and plot made from all of them. The asynchronous runs are not reproducible
+(the order of pushes is the OS's): ``--repeat K`` runs every job K times and gives each strategy's
+mean final loss. ``--hosts 2 --rate 1gbit`` runs every job across two emulated hosts
+(``plait.testing.hosts``, needs root), ``--nproc / 2`` ranks each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -34,11 +38,14 @@ RUNS = {
         "async dc": "--strategy async --compensation dc",
         "async lookahead": "--strategy async --compensation lookahead",
         "async lookahead+staleness-lr": "--strategy async --compensation lookahead+staleness-lr",
+        "async default": "--strategy async",
+        "async sync=0": "--strategy async --sync-steps 0",
         "async scale": "--strategy async --compensation none --update scale",
         "bsp s=0": "--strategy async --staleness 0",
         "ssp s=2": "--strategy async --staleness 2 --compensation staleness-lr",
         "ssp s=2 lookahead": "--strategy async --staleness 2 --compensation lookahead",
         "ssp s=2 lookahead+staleness-lr": "--strategy async --staleness 2 --compensation lookahead+staleness-lr",
+        "ssp s=2 default": "--strategy async --staleness 2",
         "local-sgd H=8": "--strategy local-sgd --period 8",
         "diloco H=8": "--strategy local-sgd --period 8 --outer nesterov",
         "diloco H=8 paper": "--strategy local-sgd --period 8 --outer nesterov --outer-lr 0.7 --outer-momentum 0.9",
@@ -46,15 +53,39 @@ RUNS = {
 }
 
 
+def base(name: str) -> str:
+    """The strategy of a run name: ``"ddp #2"`` (the second run of ``--repeat``) is ddp's."""
+    return name.split(" #")[0]
+
+
 def condition_name(factor: float) -> str:
     return "equal workers" if factor == 1 else f"one worker {factor:g}x slow"
 
 
 def run_dir_of(name: str, factor: float, args: argparse.Namespace) -> Path:
+    strategy, _, repeat = name.partition(" #")
     return (
         Path(args.out)
-        / f"{name.replace(' ', '_').replace('=', '')}{f'-slow{factor:g}' if factor > 1 else ''}"
+        / f"{strategy.replace(' ', '_').replace('=', '')}{f'-slow{factor:g}' if factor > 1 else ''}"
+        f"{f'-run{repeat}' if repeat else ''}"
     )
+
+
+def launch(cmd: list[str], args: argparse.Namespace, job: int) -> subprocess.CompletedProcess:
+    """``cmd`` here, or with ``--hosts H`` on H emulated hosts at once (``--nproc / H`` ranks each,
+    the rendezvous on host a by name, every host's link shaped to ``--rate``)."""
+    if args.hosts is None:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    hosts = args.hosts
+    node = [*cmd, "--nproc", str(args.nproc // len(hosts)), "--nnodes", str(len(hosts)),
+            "--rdzv-endpoint", hosts.endpoint(29500 + job), "--rdzv-id", f"async-bench-{job}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    jobs = [hosts.popen(i, node, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(len(hosts))]  # fmt: skip
+    outputs = [j.communicate() for j in jobs]
+    failed = [j for j in jobs if j.returncode != 0]
+    code = failed[0].returncode if failed else 0
+    return subprocess.CompletedProcess(node, code, outputs[0][0], "".join(err for _, err in outputs))
 
 
 def run(name: str, args: argparse.Namespace, factor: float) -> list[dict]:
@@ -65,15 +96,17 @@ def run(name: str, args: argparse.Namespace, factor: float) -> list[dict]:
         print(f"  {label}: reusing {run_dir}", flush=True)
         return evals_of(run_dir)
     cmd = [
-        sys.executable, "-m", "plait.cli", "train", "--nproc", str(args.nproc), "--model", args.model,
+        sys.executable, "-m", "plait.cli", "train", "--model", args.model,
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--micro-batch", str(args.batch_size // args.nproc),
         "--eval-every", str(args.eval_every), "--eval-batches", "2", "--lr", str(args.lr), "--warmup-steps", "10",
-        "--run-dir", str(run_dir), "--no-progress", *RUNS[name],
+        "--run-dir", str(run_dir), "--no-progress", *RUNS[base(name)],
     ]  # fmt: skip
     if factor > 1:
         cmd += ["--slow-rank", str(args.slow_rank), "--slow-factor", str(factor)]
+    if args.hosts is None:
+        cmd += ["--nproc", str(args.nproc)]
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = launch(cmd, args, len(list(run_dir.parent.glob("*"))))
     evals = evals_of(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     if done.returncode != 0:  # rank 0's evaluations up to the failure still stand, marked in the table
         print(f"  {label}: failed: {done.stderr.strip().splitlines()[-3:]}", flush=True)
@@ -128,18 +161,38 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="keep the results of runs in --out that already finished"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run every job this many times (the runs differ)"
+    )
+    parser.add_argument("--hosts", type=int, default=1, help="run every job across this many emulated hosts")
+    parser.add_argument("--rate", default="1gbit", help="with --hosts > 1: each host's link (tc tbf rate)")
     args = parser.parse_args()
+    if args.nproc % args.hosts:
+        parser.error(f"--nproc {args.nproc} does not split over --hosts {args.hosts}")
+    if args.hosts > 1:
+        from plait.testing.hosts import Hosts
+
+        with Hosts(args.hosts, rate=args.rate) as args.hosts:
+            race(args)
+    else:
+        args.hosts = None
+        race(args)
+
+
+def race(args: argparse.Namespace) -> None:
     args.slow_rank = args.nproc - 1 if args.slow_rank is None else args.slow_rank
     factors = [1.0, *args.slow_factor]
+    where = "one host" if args.hosts is None else f"{len(args.hosts)} hosts at {args.rate}"
     print(
-        f"{args.model}, {args.nproc} workers, {args.steps} steps, target val loss {args.target}, "
+        f"{args.model}, {args.nproc} workers on {where}, {args.steps} steps, target val loss {args.target}, "
         f"slow rank {args.slow_rank}, {time.strftime('%Y-%m-%d %H:%M')}",
         flush=True,
     )
+    args.names = [f"{n}{f' #{i + 1}' if i else ''}" for n in RUNS for i in range(args.repeat)]
     curves = {}
     for factor in factors:
-        for name in RUNS:
-            chosen = (not args.only or name in args.only) and (
+        for name in args.names:
+            chosen = (not args.only or base(name) in args.only) and (
                 not args.conditions or factor in args.conditions
             )
             if chosen:
@@ -157,7 +210,7 @@ def table(curves: dict, factors: list[float], args: argparse.Namespace) -> None:
         f"\n| strategy | {' | '.join(heads)} | final val ({' / '.join(condition_name(f) for f in factors)}) |"
     )
     print("|---|" + "---|" * (len(factors) + 1))
-    for name in RUNS:
+    for name in args.names:
         if not any(curves[(name, f)] for f in factors):
             continue
         cells = []
@@ -167,6 +220,18 @@ def table(curves: dict, factors: list[float], args: argparse.Namespace) -> None:
             cells.append(f"{hit[0]:.1f} s ({hit[1]})" if hit else ("not reached" if evals else "-"))
         finals = " / ".join(final(curves[(name, f)], args) for f in factors)
         print(f"| {name} | {' | '.join(cells)} | {finals} |")
+    if args.repeat > 1:
+        print(
+            f"\nmean final val over the runs of each strategy ({' / '.join(condition_name(f) for f in factors)}):"
+        )
+        for strategy in RUNS:
+            means = []
+            for factor in factors:
+                finals = [curves[(n, factor)][-1]["val_loss"] for n in args.names
+                          if base(n) == strategy and curves[(n, factor)]]  # fmt: skip
+                means.append(f"{sum(finals) / len(finals):.3f} ({len(finals)} runs)" if finals else "-")
+            if any(m != "-" for m in means):
+                print(f"  {strategy}: {' / '.join(means)}")
 
 
 def final(evals: list[dict], args: argparse.Namespace) -> str:
@@ -183,9 +248,10 @@ def plot(curves: dict, factors: list[float], args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = [n for n in args.names if n == base(n)]  # one curve per strategy: its first run
     fig, axes = plt.subplots(len(factors), 2, figsize=(12, 4 * len(factors)), sharey=True, squeeze=False)
     for row, factor in enumerate(factors):
-        for name in RUNS:
+        for name in names:
             evals = curves[(name, factor)]
             if not evals:
                 continue
