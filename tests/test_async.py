@@ -373,3 +373,15 @@ def test_sync_steps_hold_every_reply_until_the_step_then_let_go():
     push(0, GRADS[0])
     assert shard.bound() is None and 0 in sent and shard.version == 2  # answered before worker 1 pushed
     assert shard.versions_behind == {0: 5}
+
+
+def test_a_checkpoint_request_to_a_server_that_takes_no_part_says_so():
+    from plait.strategies.async_ps.server import Server
+
+    server = Server(None, None, 0, [0, 1], 1, 1.0)
+    request = {"kind": "save", "directory": "d", "step": 3}
+    with pytest.raises(RuntimeError, match="only a dedicated server takes part"):
+        server._checkpoint({1: request})
+    server.on_checkpoint = lambda r: None
+    with pytest.raises(RuntimeError, match="different checkpoints"):
+        server._checkpoint({1: request, 2: {**request, "step": 4}})

@@ -235,7 +235,12 @@ class Server:
 
     def _checkpoint(self, requests: dict[int, dict]) -> None:
         request = next(iter(requests.values()))
-        if any(r != request for r in requests.values()) or self.on_checkpoint is None:
+        if self.on_checkpoint is None:
+            raise RuntimeError(
+                f"parameter server rank {self.rank}: workers asked for a checkpoint ({request}), "
+                "but only a dedicated server takes part in one (a colocated shard is saved by its worker)"
+            )
+        if any(r != request for r in requests.values()):
             raise RuntimeError(
                 f"parameter server rank {self.rank}: workers asked for different checkpoints: {requests}"
             )
