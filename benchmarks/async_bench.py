@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ def launch(cmd: list[str], args: argparse.Namespace, job: int) -> subprocess.Com
         return subprocess.run(cmd, capture_output=True, text=True)
     hosts = args.hosts
     node = [*cmd, "--nproc", str(args.nproc // len(hosts)), "--nnodes", str(len(hosts)),
-            "--rdzv-endpoint", hosts.endpoint(29500 + job), "--rdzv-id", f"async-bench-{job}"]  # fmt: skip
+            "--rdzv-endpoint", hosts.endpoint(29500 + job), "--rdzv-id", secrets.token_hex(16)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     jobs = [hosts.popen(i, node, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(len(hosts))]  # fmt: skip
@@ -106,7 +107,7 @@ def run(name: str, args: argparse.Namespace, factor: float) -> list[dict]:
     if args.hosts is None:
         cmd += ["--nproc", str(args.nproc)]
     start = time.perf_counter()
-    done = launch(cmd, args, len(list(run_dir.parent.glob("*"))))
+    done = launch(cmd, args, args.names.index(name) + len(args.names) * int(factor))
     evals = evals_of(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     if done.returncode != 0:  # rank 0's evaluations up to the failure still stand, marked in the table
         print(f"  {label}: failed: {done.stderr.strip().splitlines()[-3:]}", flush=True)
