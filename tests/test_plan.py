@@ -212,6 +212,25 @@ def test_train_auto_keeps_the_options_given_that_the_pick_takes(tmp_path):
     assert config.strategy.bucket_mb == 3.0 and config.strategy.find_unused_parameters
 
 
+def test_train_auto_says_which_given_options_the_pick_has_none_of(tmp_path, capsys):
+    from plait.cli import train_config
+    from plait.plan.command import plan_for_training
+
+    fast = _profile(hosts=1, host_link={"gbps": 80.0, "latency_us": 100.0})
+    (tmp_path / "profile.json").write_text(fast.to_json())
+    ddp = predict(Candidate("ddp", dp=2), workload_for("gpt-tiny", 4, 1), fast, hosts=1)
+    launch_config, config = train_config(
+        ["--strategy", "auto", "--mem-cap-gb", f"{ddp.model_state_bytes / 1e9 * 0.8:.4f}", "--nproc", "2",
+         "--model", "gpt-tiny", "--batch-size", "4", "--micro-batch", "1", "--run-dir", str(tmp_path),
+         "--grad-dtype", "bf16", "--bucket-mb", "3"]
+    )  # fmt: skip
+    _, config = plan_for_training(config, launch_config)
+    # ZeRO has no grad_dtype: its gradients travel as computed
+    assert config.train.strategy.startswith("zero")
+    out = capsys.readouterr().out
+    assert f"picked {config.train.strategy}, which has no option grad_dtype: not applied" in out, out
+
+
 def test_shares_follow_speed_in_whole_micro_batches():
     from plait.data.balance import loss_weight, parse_shares, shares_from_speed
 

@@ -103,13 +103,19 @@ def plan_for_training(config, launch_config: LaunchConfig) -> tuple[Plan, object
     strategy = picked.pop("strategy")
     if strategy in ("tp", "pp"):  # the candidate's tp x pp layout is a mesh's
         strategy = "hybrid"
-    from plait.strategies import options
+    from plait.strategies import DDP, options
     from plait.train.config import build
 
     values = config.to_dict()
     # the user's options (given for ddp, as auto's) that the pick also takes: mixed precision, buckets...
     takes = {f.name for f in options(strategy)}
     kept = {name: value for name, value in values["strategy"].items() if name in takes}
+    defaults = dataclasses.replace(config, strategy=DDP()).to_dict()["strategy"]
+    dropped = sorted(k for k, v in values["strategy"].items() if k not in takes and v != defaults[k])
+    if dropped:  # said, not lost silently
+        print(
+            f"plait: --strategy auto picked {strategy}, which has no option {', '.join(dropped)}: not applied"
+        )
     values["strategy"] = kept | picked
     values["train"] = values["train"] | {"strategy": strategy}
     return plan, build(values)
