@@ -228,7 +228,10 @@ class Server:
         closed its connection: that send fails, and nothing else depends on it.
         """
         message = torch.cat([self.shard.master.data, torch.tensor([float(self.shard.version)])])
-        sends = [self.ps.send(message, worker, async_op=True, tag=REPLY) for worker in self.remote]
+        sends = []
+        for worker in self.remote:
+            with contextlib.suppress(RuntimeError):  # gloo may refuse at once: the connection is closed
+                sends.append(self.ps.send(message, worker, async_op=True, tag=REPLY))
         for send in sends:
             with contextlib.suppress(RuntimeError):
                 send.wait()
