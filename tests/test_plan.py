@@ -195,7 +195,8 @@ def test_plait_plan_json_and_train_auto_under_a_cap_that_rules_out_ddp(tmp_path)
     assert summary["model_state_bytes"] <= float(cap) * 1e9
 
 
-def test_train_auto_keeps_the_options_given_that_the_pick_takes(tmp_path):
+def _auto_plan(tmp_path, *given: str):
+    """``--strategy auto`` on gpt-tiny, 2 ranks, under a memory cap ddp exceeds, with ``given`` options."""
     from plait.cli import train_config
     from plait.plan.command import plan_for_training
 
@@ -204,27 +205,19 @@ def test_train_auto_keeps_the_options_given_that_the_pick_takes(tmp_path):
     ddp = predict(Candidate("ddp", dp=2), workload_for("gpt-tiny", 4, 1), fast, hosts=1)
     launch_config, config = train_config(
         ["--strategy", "auto", "--mem-cap-gb", f"{ddp.model_state_bytes / 1e9 * 0.8:.4f}", "--nproc", "2",
-         "--model", "gpt-tiny", "--batch-size", "4", "--micro-batch", "1", "--run-dir", str(tmp_path),
-         "--bucket-mb", "3", "--find-unused-parameters"]
+         "--model", "gpt-tiny", "--batch-size", "4", "--micro-batch", "1", "--run-dir", str(tmp_path), *given]
     )  # fmt: skip
-    plan, config = plan_for_training(config, launch_config)
+    return plan_for_training(config, launch_config)
+
+
+def test_train_auto_keeps_the_options_given_that_the_pick_takes(tmp_path):
+    plan, config = _auto_plan(tmp_path, "--bucket-mb", "3", "--find-unused-parameters")
     assert config.train.strategy == plan.pick.candidate.strategy and config.train.strategy.startswith("zero")
     assert config.strategy.bucket_mb == 3.0 and config.strategy.find_unused_parameters
 
 
 def test_train_auto_says_which_given_options_the_pick_has_none_of(tmp_path, capsys):
-    from plait.cli import train_config
-    from plait.plan.command import plan_for_training
-
-    fast = _profile(hosts=1, host_link={"gbps": 80.0, "latency_us": 100.0})
-    (tmp_path / "profile.json").write_text(fast.to_json())
-    ddp = predict(Candidate("ddp", dp=2), workload_for("gpt-tiny", 4, 1), fast, hosts=1)
-    launch_config, config = train_config(
-        ["--strategy", "auto", "--mem-cap-gb", f"{ddp.model_state_bytes / 1e9 * 0.8:.4f}", "--nproc", "2",
-         "--model", "gpt-tiny", "--batch-size", "4", "--micro-batch", "1", "--run-dir", str(tmp_path),
-         "--grad-dtype", "bf16", "--bucket-mb", "3"]
-    )  # fmt: skip
-    _, config = plan_for_training(config, launch_config)
+    _, config = _auto_plan(tmp_path, "--grad-dtype", "bf16", "--bucket-mb", "3")
     # ZeRO has no grad_dtype: its gradients travel as computed
     assert config.train.strategy.startswith("zero")
     out = capsys.readouterr().out
