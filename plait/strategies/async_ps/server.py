@@ -129,16 +129,18 @@ class Shard:
             torch.sub(self.master.data, self.last_step, out=self.last_step)
         self.version += 1
 
+    def _slowest(self) -> int:
+        """The fewest pushes any active worker has made."""
+        return min((self.clock[w] for w in self.active), default=0)
+
     def bound(self) -> int | None:
         """The staleness bound in force: 0 (synchronous) until every active worker has made
         ``sync_steps`` pushes, then the strategy's."""
-        slowest = min((self.clock[w] for w in self.active), default=0)
-        return 0 if slowest < self.strategy.sync_steps else self.strategy.staleness
+        return 0 if self._slowest() < self.strategy.sync_steps else self.strategy.staleness
 
     def _release(self) -> None:
         """Answer every held worker the staleness bound now lets go on."""
-        slowest = min((self.clock[w] for w in self.active), default=0)
-        bound = self.bound()
+        slowest, bound = self._slowest(), self.bound()
         keep = []
         for worker, reply in self.held:
             lead = self.clock[worker] - slowest
@@ -175,6 +177,8 @@ class Server:
         self.ps = ps
         self.rank = rank
         self.remote = [w for w in workers if w != rank]
+        self.dedicated = rank not in workers
+        """A server only (``servers=k``), not a worker's colocated thread."""
         self.n_groups = n_groups
         self.timeout_s = timeout_s
         self.sends = InFlight()
@@ -218,7 +222,7 @@ class Server:
                     last_heard = {w: time.monotonic() for w in remote}
                 continue
             self.shard.push(worker, message[:size], message[size + 1 :].tolist(), self._replier(worker))
-        if self.rank not in self.shard.clock:
+        if self.dedicated:
             self._send_final()
 
     def _send_final(self) -> None:
