@@ -387,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
             config = LaunchConfig(**_given(namespace, LaunchConfig))
             return launch(config, namespace.target, namespace.args, module=namespace.module)
     except (_OnRank, *EXIT_CODES) as e:
-        return _report(e)
+        code = _report(e)
+        if isinstance(e, _OnRank) and _under_torchrun():
+            plait.shutdown(exit_code=code)  # a rank's error, too, ends without interpreter teardown
+        return code
     return 0
 
 

@@ -3,6 +3,7 @@
 import datetime
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 import plait
 from plait.comm.context import attempt_prefix
+from plait.comm.stats import CommStats
 from plait.comm.watchdog import Watchdog
 from plait.metrics import read_metrics
 from plait.train import Trainer
@@ -168,3 +170,32 @@ def _ops_that_nobody_waits_for() -> None:
 
 def test_ops_that_nobody_waits_for_are_not_stuck():
     run_ranks(_ops_that_nobody_waits_for, 2, timeout=60, env={"PLAIT_WATCHDOG_S": "1"})
+
+
+def test_two_ranks_that_diagnose_at_once_answer_each_other():
+    """Both watchdogs ask at the same moment (as when both ranks' ops pass the limit together): each
+    must still get the other's state, where one shared request key let the second ask overwrite the first."""
+    store = dist.HashStore()
+    dogs, stuck = [], []
+    for rank, op in enumerate(["all_gather", "all_reduce"]):
+        stats = CommStats()
+        record = stats.begin(op, "world", (4,), "float32", 16)
+        record.blocking = True
+        dogs.append(Watchdog(stats, rank, 2, 3600.0, store, poll_s=3600.0))  # its own thread stays idle
+        stuck.append(record)
+    barrier = threading.Barrier(2)
+    states: list[dict] = [{}, {}]
+
+    def diagnose(rank: int) -> None:
+        barrier.wait()
+        states[rank], _ = dogs[rank]._gather_states(stuck[rank])
+
+    threads = [threading.Thread(target=diagnose, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for dog in dogs:
+        dog.stop()
+    assert states[0][1]["pending"]["op"] == "all_reduce", states[0]
+    assert states[1][0]["pending"]["op"] == "all_gather", states[1]

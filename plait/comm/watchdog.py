@@ -42,7 +42,9 @@ import torch.distributed as dist
 from plait.comm.stats import CommStats, OpRecord
 
 EXIT_CODE = 3
-_REQUEST = "request"
+_REQUESTS = "requests"
+"""A counter: request n (1, 2, ...) is the key ``request/<n>``. Numbered, so two ranks that diagnose at
+once do not overwrite each other's request, and each answers the other's while it waits for answers."""
 
 
 def _describe(record: OpRecord | None) -> dict | None:
@@ -93,7 +95,8 @@ class Watchdog:
         self.check_peers_after_s = min(5.0, timeout_s)
         self.store_lost_after_s = store_lost_after_s
         self._stop = threading.Event()
-        self._answered: set[str] = set()
+        self._seen_requests = 0
+        """The number of the last request this rank has answered."""
         self._beats: dict[int, tuple[int, float]] = {}
         """Peer rank -> (its heartbeat count, when this rank saw that count first)."""
         self._store_lost_at: float | None = None
@@ -172,29 +175,33 @@ class Watchdog:
         return silent
 
     def _answer_requests(self) -> None:
-        if not self.store.check([_REQUEST]):
-            return
-        request = self.store.get(_REQUEST).decode()
-        if request not in self._answered:
-            self._answered.add(request)
+        """Answer every request made since the last call: this rank's state under ``<request>/rank<r>``."""
+        count = int(self.store.add(_REQUESTS, 0))
+        while self._seen_requests < count:
+            key = f"request/{self._seen_requests + 1}"
+            if not self.store.check([key]):  # numbered, not yet written: the next round answers it
+                return
+            request = self.store.get(key).decode()
             self.store.set(f"{request}/rank{self.rank}", json.dumps(self._state()))
+            self._seen_requests += 1
 
     def _gather_states(self, stuck: OpRecord) -> tuple[dict[int, dict], str | None]:
         """Every rank's answer to a request about ``stuck`` (keys removed after); the store error, if any."""
         request = f"answers/{self.rank}-{stuck.seq}-{time.time():.0f}"
         states: dict[int, dict] = {}
         try:
-            self.store.set(_REQUEST, request)
-            self._answer_requests()
+            number = int(self.store.add(_REQUESTS, 1))
+            self.store.set(f"request/{number}", request)
             deadline = time.monotonic() + max(3 * self.poll_s, 3.0)
             while time.monotonic() < deadline and len(states) < self.world_size:
+                self._answer_requests()  # this one, and another rank's made at the same time
                 for rank in range(self.world_size):
                     key = f"{request}/rank{rank}"
                     if rank not in states and self.store.check([key]):
                         states[rank] = json.loads(self.store.get(key))
                 time.sleep(0.1)  # polling the store for answers; no rank waits on this one
-            for key in [_REQUEST, *(f"{request}/rank{rank}" for rank in states)]:
-                self.store.delete_key(key)
+            for rank in states:  # the answers go; the request stays, for a rank that reads it late
+                self.store.delete_key(f"{request}/rank{rank}")
         except Exception as e:  # explain what is known without the store
             return states, str(e)
         return states, None
