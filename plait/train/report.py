@@ -37,6 +37,8 @@ class Summary:
     """The largest rank's model states (live tensors) after the first step, when a memory cap is set."""
     mem_cap_gb: float | None = None
     """The cap those model states were checked against (``--mem-cap-gb``)."""
+    inter_host_bytes_per_step: list[float] = dataclasses.field(default_factory=list)
+    """Per rank, the mean bytes per step it sent to a rank on another host (plait.comm.stats' link levels)."""
 
 
 def _mib(n: float) -> str:
@@ -89,6 +91,9 @@ def print_summary(summary: Summary, run_dir: str) -> None:
         if summary.theory_bytes_per_step
         else "-",
     )
+    if any(summary.inter_host_bytes_per_step):
+        across = summary.inter_host_bytes_per_step
+        table.add_row("bytes across hosts / step, all ranks", f"{_mib(sum(across))} ({len(across)} ranks)")
     table.add_row("time in communication / step", f"{summary.comm_seconds_per_step * 1000:,.1f} ms")
     for name, value in summary.strategy_metrics.items():
         table.add_row(name.replace("_", " "), _format(value))

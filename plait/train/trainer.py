@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import plait
 from plait import checkpoint
 from plait.comm import Context, delta
+from plait.comm.stats import INTER_HOST
 from plait.data import BatchSampler, eval_batches, load_corpus, synthetic_tokens
 from plait.data.balance import loss_weight, parse_shares, shares_from_speed
 from plait.data.files import load_files
@@ -192,7 +193,7 @@ class Trainer:
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        before = self.ctx.stats.snapshot()
+        before, links_before = self.ctx.stats.snapshot(), self.ctx.stats.link_snapshot()
         waited = self.ctx.stats.thread_seconds()
         start = time.perf_counter()
         x, y = self.sampler.next_batch()
@@ -214,6 +215,7 @@ class Trainer:
             time.sleep((train.slow_factor - 1) * max(0.0, busy))
         step_time = time.perf_counter() - start
         comm = delta(self.ctx.stats.snapshot(), before)
+        links = delta(self.ctx.stats.link_snapshot(), links_before)
         if train.balance == "auto" and step == 1:  # step 0 pays one-time costs
             self._rebalance(step_time - sum(t.seconds for t in comm.values()))
         return {
@@ -223,6 +225,7 @@ class Trainer:
             "step_time": step_time,
             "tokens_per_s": train.batch_size * self.model_config.block_size / step_time,
             "bytes_sent": sum(t.bytes_sent for t in comm.values()),
+            "inter_host_bytes": links[INTER_HOST].bytes_sent if INTER_HOST in links else 0,
             "comm_seconds": sum(t.seconds for t in comm.values()),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
         }
@@ -366,6 +369,12 @@ class Trainer:
         peak = torch.tensor([float(peak_memory_bytes(self.ctx.device))])
         peaks = torch.zeros(group.size)
         group.all_gather(peaks, peak)
+        # a record resumed from an older run has no inter_host_bytes
+        across = torch.tensor(
+            [statistics.mean(r.get("inter_host_bytes", 0) for r in steady)], dtype=torch.float64
+        )
+        across_all = torch.zeros(group.size, dtype=torch.float64)
+        group.all_gather(across_all, across)
         return Summary(
             strategy=self.config.train.strategy,
             world_size=group.size,
@@ -381,6 +390,7 @@ class Trainer:
             step_time_s=statistics.median(r["step_time"] for r in steady),
             peak_memory_bytes=[int(p) for p in peaks.tolist()],
             bytes_per_step=statistics.mean(r["bytes_sent"] for r in steady),
+            inter_host_bytes_per_step=across_all.tolist(),
             theory_bytes_per_step=self.runtime.theory_bytes_per_step() + self.runtime.loss_bytes(),
             theory=self.model.plait_runtime.theory,
             comm_seconds_per_step=statistics.mean(r["comm_seconds"] for r in steady),
