@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch.testing import assert_close
 
 import plait
@@ -49,6 +50,21 @@ def test_the_global_batch_does_not_depend_on_the_world_size(tmp_path):
     for losses in two + four:
         assert_close(losses, one, rtol=1e-5, atol=1e-6)
     assert one[-1] < one[0]
+
+
+def _subnormal_after_setup(values: dict, run_dir: str) -> float:
+    values = {k: dict(v) for k, v in values.items()}
+    values["train"]["run_dir"] = run_dir
+    Trainer(build(values))
+    return (torch.tensor([1e-39]) * 1.5).item()  # 1e-39 is below fp32's smallest normal, 1.18e-38
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_the_trainer_flushes_subnormals_unless_told_not_to(flush, tmp_path):
+    """A CPU computes on subnormal floats many times slower; the trainer flushes them to zero by default."""
+    values = SMALL | {"train": SMALL["train"] | {"flush_denormal": flush}}
+    product = run_ranks(_subnormal_after_setup, 1, values, str(tmp_path / "run"))[0]
+    assert (product == 0.0) == flush, product
 
 
 def test_plait_train_end_to_end_on_two_ranks(tmp_path):

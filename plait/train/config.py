@@ -169,6 +169,11 @@ class TrainConfig:
     """Validation batches (of batch_size sequences) per evaluation."""
     seed: int = 0
     """Seed for the model's initialisation and the data order."""
+    flush_denormal: bool = True
+    """Compute with subnormal floats (below 1.2e-38 in fp32) as zero on CPU (``torch.set_flush_denormal``).
+    A CPU computes on them many times slower, and a transformer's forward and backward make more of them
+    as it trains: without this a GPT's step here grows ~1.5x in 300 steps (docs/benchmarks.md). GPUs are
+    unaffected; the results differ from an unflushed run only through values below that bound."""
     run_dir: str | None = None
     """Where run.toml, checkpoints/, metrics.jsonl and summary.json go; default: a new runs/<time>-<strategy>,
     with runs/latest pointing at the newest. One job at a time uses a run dir (run.lock names it)."""

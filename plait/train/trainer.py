@@ -91,6 +91,7 @@ class Trainer:
         self.config = config
         train = config.train
         torch.manual_seed(train.seed)
+        torch.set_flush_denormal(train.flush_denormal)
         model, self.model_config = build_model(config.model)
         self.train_tokens, self.val_tokens = self._load_data()
         self.params = model.num_params()
