@@ -203,7 +203,7 @@ class ShardedRuntime(DataParallelRuntime):
         else:
             if getattr(self, "_counted", (None,))[0] is not counted:
                 self._counted = (counted, self._counted_mask(counted))
-            local = torch.dot(grad, grad * self._counted[1])
+            local = sum_of_squares([grad * self._counted[1]])
         local = local.reshape(1)
         self.shards.group.all_reduce(local)  # the ranks sharing one copy (HSDP: the host's)
         return local[0]
