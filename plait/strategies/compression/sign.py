@@ -26,8 +26,10 @@ import torch
 
 from plait.strategies.compression import Compressor
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_PACK = 0x0102040810204080
+"""Times 8 bytes of 0 / 1 read as one little-endian int64, this puts byte i's bit at bit 56 + i."""
+_SIGNS = torch.tensor([[1.0 if byte >> bit & 1 else -1.0 for bit in range(8)] for byte in range(256)])
+"""Row b: the 8 signs (+1 / -1, lowest bit first) that byte b packs: decoding is one table look-up."""
 
 
 def _sizes(numel: int, chunk: int) -> tuple[int, int]:
@@ -56,26 +58,25 @@ class SignCompressor(Compressor):
         counts = torch.full((chunks,), float(chunk), device=flat.device)
         counts[-1] = numel - (chunks - 1) * chunk  # the last chunk's padding is not averaged in
         scales = rows.abs().sum(1).div_(counts)
-        signs = (x >= 0).view(-1, 8).to(torch.uint8)
-        packed = (signs * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
-        if self.feedback.enabled:
-            sent = _decode(scales, packed, chunk)[:numel]
-            self.feedback.keep(key, flat - sent)
+        bits = (x >= 0).view(torch.uint8).view(torch.int64)  # 8 signs to an int64, byte i = element i
+        packed = bits.mul(_PACK).bitwise_right_shift_(56).to(torch.uint8)  # wraps mod 2^64, as meant
+        if self.feedback.enabled:  # what C(x) leaves out: x - s_c sign(x_c)
+            own = _decode(packed, chunks, chunk)
+            self.feedback.keep(key, torch.addcmul(rows, own, scales.unsqueeze(1), value=-1).view(-1)[:numel])
         message = torch.cat([scales.view(torch.uint8), packed])
         gathered = torch.empty(self.group.size * message.numel(), dtype=torch.uint8, device=flat.device)
         self.group.all_gather(gathered, message)
-        total = torch.zeros(padded, dtype=torch.float32, device=flat.device)
+        total = torch.zeros(chunks, chunk, dtype=torch.float32, device=flat.device)
         for row in gathered.view(self.group.size, -1):  # rank order: the same sum on every rank
-            total += _decode(row[: 4 * chunks].view(torch.float32), row[4 * chunks :], chunk)
-        flat.copy_(total[:numel].div_(self.group.size))
+            signs = _decode(row[4 * chunks :], chunks, chunk)
+            total.addcmul_(signs, row[: 4 * chunks].view(torch.float32).unsqueeze(1))
+        flat.copy_(total.view(-1)[:numel].div_(self.group.size))
 
     def wire_bytes(self) -> int:
         n = self.group.size
         return sum((n - 1) * message_bytes(numel, self.config.chunk) for numel in self.sizes.values())
 
 
-def _decode(scales: torch.Tensor, packed: torch.Tensor, chunk: int) -> torch.Tensor:
-    """s_c x (+1 or -1) for every element, from the scales and the packed sign bits."""
-    bits = (packed.unsqueeze(1) >> _BIT_SHIFTS.to(packed.device)) & 1
-    signs = bits.view(-1, chunk).to(torch.float32).mul_(2).sub_(1)
-    return signs.mul_(scales.unsqueeze(1)).view(-1)
+def _decode(packed: torch.Tensor, chunks: int, chunk: int) -> torch.Tensor:
+    """The +1 / -1 of every element, (chunks, chunk), from the packed sign bits (a table look-up)."""
+    return torch.nn.functional.embedding(packed.long(), _SIGNS.to(packed.device)).view(chunks, chunk)
