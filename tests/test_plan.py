@@ -249,3 +249,30 @@ def test_unequal_shares_give_the_equal_split_losses(tmp_path):
     equal = run_ranks(_losses_with_shares, 2, "equal", str(tmp_path / "equal"))
     unequal = run_ranks(_losses_with_shares, 2, "6,2", str(tmp_path / "unequal"))
     torch.testing.assert_close(unequal[0], equal[0], rtol=1e-5, atol=0)
+
+
+def test_every_candidate_on_two_hosts_is_a_valid_plait_train_command():
+    """What ``plan --validate`` runs (flags) and what ``--strategy auto`` builds (fields), for each candidate."""
+    from plait.cli import train_config
+    from plait.plan.planner import train_flags
+    from plait.train.config import build
+
+    found = candidates(workload_for("gpt-tiny", 8, 1), world=4, hosts=2)
+    assert any(c.hierarchical for c in found) and any(c.compression for c in found)
+    for candidate in found:
+        _, config = train_config(["--model", "gpt-tiny", "--nproc", "2", "--batch-size", "8",
+                                  "--micro-batch", "1", *train_flags(candidate)])  # fmt: skip
+        options = dict(candidate.train_options())
+        strategy = options.pop("strategy")
+        strategy = "hybrid" if strategy in ("tp", "pp") else strategy
+        built = build(
+            {"train": {"strategy": strategy, "batch_size": 8, "micro_batch": 1}, "strategy": options}
+        )
+        for made in (config, built):
+            assert made.train.strategy == strategy, candidate.label
+            assert getattr(made.strategy, "hierarchical", False) == candidate.hierarchical, candidate.label
+            assert (getattr(made.strategy, "compression", None) is None) == (
+                candidate.compression is None
+            ) or (
+                candidate.compression == "bf16"  # as grad_dtype="bf16"
+            ), candidate.label

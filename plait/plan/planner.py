@@ -175,6 +175,22 @@ def _run_here(argv: list[str]) -> tuple[int, str]:
     return done.returncode, done.stderr
 
 
+def train_flags(candidate: Candidate) -> list[str]:
+    """The ``plait train`` flags that run ``candidate`` (a boolean as ``--name`` / ``--no-name``, a table inline)."""
+    flags = []
+    for name, value in candidate.train_options().items():
+        if name == "strategy" and value in ("tp", "pp"):  # the candidate's tp x pp layout is a mesh's
+            value = "hybrid"
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, dict):  # an options table, as TOML writes it inline: {rank = 4}
+            flags += [f"--{flag}", "{" + ", ".join(f"{k} = {v!r}" for k, v in value.items()) + "}"]
+        else:
+            flags += [f"--{flag}", str(value)]
+    return flags
+
+
 def measure_candidate(
     candidate: Candidate,
     model: str,
@@ -196,11 +212,7 @@ def measure_candidate(
         "--micro-batch", str(workload.micro_batch), "--eval-every", "0", "--no-progress",
         "--data", "synthetic", "--run-dir", run_dir, "--mem-cap-gb", "1000", *extra,
     ]  # fmt: skip
-    for name, value in candidate.train_options().items():
-        if name == "strategy" and value in ("tp", "pp"):  # the candidate's tp x pp layout is a mesh's
-            value = "hybrid"
-        argv += [f"--{name.replace('_', '-')}", str(value)]
-    code, stderr = run(argv)
+    code, stderr = run(argv + train_flags(candidate))
     if code != 0:
         raise ConfigError(f"validating {candidate.label} failed:\n{stderr[-2000:]}")
     summary = json.loads(Path(run_dir, "summary.json").read_text())

@@ -133,9 +133,9 @@ class Candidate:
         if self.compression == "bf16":
             options["grad_dtype"] = "bf16"
         elif self.compression == "powersgd":
-            options["compression"] = f"{{rank = {self.compress_rank}}}"
+            options["compression"] = {"rank": self.compress_rank}  # plait.PowerSGD's fields
         elif self.compression:
             options["compression"] = self.compression
         if self.hierarchical:
-            options["hierarchical"] = "true"
+            options["hierarchical"] = True
         return options
