@@ -179,6 +179,10 @@ class ErrorFeedback:
         if self.enabled:
             self.residuals[key][lo : lo + residual.numel()].copy_(residual.reshape(-1))
 
+    def residual(self, key: int, lo: int, numel: int) -> torch.Tensor:
+        """The residual of message ``key``'s elements [lo, lo + numel), a view to add or write."""
+        return self.residuals[key][lo : lo + numel]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.residuals.values())
 
