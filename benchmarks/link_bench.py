@@ -1,11 +1,15 @@
-"""Data parallelism over a slow link: 2 emulated hosts x 1 rank (plait.testing.hosts), median step.
+"""Data parallelism over a slow link: 2 emulated hosts x 1 or more ranks (plait.testing.hosts), median step.
 
     flock /tmp/plait-cpu.lock python benchmarks/link_bench.py --rate 1gbit --steps 12 \
         --candidates plait-ddp,plait-ddp-powersgd,torch-ddp-powersgd
+    flock /tmp/plait-cpu.lock python benchmarks/link_bench.py --nproc-per-node 2 \
+        --candidates torch-ddp,torch-hsdp,plait-ddp-hier,plait-zero3-hier
 
-Candidates: plait-none (no communication), plait-<ddp|zero1|zero2|zero3>[-<bf16|powersgd|sign>]
-(e.g. plait-ddp-powersgd, plait-zero3-powersgd), torch-ddp, torch-ddp-powersgd. plait's rows also
-give the median seconds per step its comm layer spent in collectives (median_comm_s).
+Candidates: plait-none (no communication), plait-<ddp|zero1|zero2|zero3>[-<bf16|powersgd|sign>][-hier]
+(e.g. plait-ddp-powersgd, plait-zero3-powersgd; -hier: two-level, HSDP for zero3), torch-ddp,
+torch-ddp-powersgd, torch-fsdp2 (fully_shard per block and at the root, resharded after forward:
+ZeRO-3), torch-hsdp (the same on a 2-D mesh: replicated across hosts, sharded within one). plait's
+rows also give the median seconds per step its comm layer spent in collectives (median_comm_s).
 
 Needs root (network namespaces, tc). Each candidate is one torchrun job per host (c10d rendezvous on
 host a by name, gloo on the shaped veth link), run in turn; the GPT trains on random tokens,
@@ -38,12 +42,15 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
     from plait.models import GPT, PRESETS
 
     config = PRESETS[model_name]
+    torch.set_flush_denormal(True)  # as `plait train` does on CPU, for every candidate (docs/benchmarks.md)
     torch.manual_seed(0)
     model = GPT(config)
     if candidate.startswith("plait"):
         ctx = plait.init()
         rank = ctx.rank
-        base, *scheme = candidate.split("-")[1:]  # plait-<none|ddp|zero1|zero2|zero3>[-<scheme>]
+        base, *scheme = candidate.split("-")[1:]  # plait-<none|ddp|zero1|zero2|zero3>[-<scheme>][-hier]
+        hierarchical = "hier" in scheme
+        scheme = [s for s in scheme if s != "hier"]
         compression = {"powersgd": plait.PowerSGD(rank=rank_param), "bf16": "bf16", "sign": "sign"}.get(
             scheme[0] if scheme else None
         )
@@ -51,9 +58,9 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
         if base == "none":
             strategy = "none"
         elif base == "ddp":
-            strategy = plait.DDP(compression=compression)
+            strategy = plait.DDP(compression=compression, hierarchical=hierarchical)
         else:
-            strategy = plait.Zero(stage=int(base[-1]), compression=compression)
+            strategy = plait.Zero(stage=int(base[-1]), compression=compression, hierarchical=hierarchical)
         model, opt = plait.setup(model, strategy, lambda ps: plait.optim.AdamW(ps, lr=3e-4))
     else:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
@@ -63,6 +70,18 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
         rank = dist.get_rank()
         if candidate == "torch-ddp":
             model = DistributedDataParallel(model)
+        elif candidate in ("torch-fsdp2", "torch-hsdp"):
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            local = int(os.environ["LOCAL_WORLD_SIZE"])
+            hosts = dist.get_world_size() // local
+            shape = (hosts, local) if candidate == "torch-hsdp" else (dist.get_world_size(),)
+            names = ("replicate", "shard") if candidate == "torch-hsdp" else ("shard",)
+            mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+            for block in model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         else:
             gradient_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
             model = DistributedDataParallel(model, bucket_cap_mb=gradient_mb + 16)  # one bucket
@@ -85,7 +104,9 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
             comm.append(sum(t.seconds for t in ctx.stats.totals.values()) - before)
     if rank == 0:
         result = {"candidate": candidate, "median_step_s": round(statistics.median(times[2:]), 4)}
-        result.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), steps=steps, batch=batch)
+        result.update(
+            first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), steps=steps, batch=batch
+        )
         if comm:
             result.update(median_comm_s=round(statistics.median(comm[2:]), 4))
         print("RESULT " + json.dumps(result), flush=True)
@@ -101,9 +122,10 @@ def drive(args: argparse.Namespace) -> None:
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "eth0"}
+    nproc = args.nproc_per_node
     with Hosts(2, rate=args.rate) as hosts:
         for n, candidate in enumerate(args.candidates.split(",")):
-            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", str(nproc),
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", hosts.endpoint(PORT + n),
                     "--rdzv-id", f"link-bench-{n}", __file__, "--worker", candidate, "--model", args.model,
                     "--steps", str(args.steps), "--rank", str(args.rank), "--batch", str(args.batch)]  # fmt: skip
@@ -112,10 +134,16 @@ def drive(args: argparse.Namespace) -> None:
             outputs = [job.communicate(timeout=300) for job in jobs]
             lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT ")]
             if not lines:
-                print(json.dumps({"candidate": candidate, "error": outputs[0][1][-1500:]}), flush=True)
+                errors = [line for _, err in outputs for line in err.splitlines() if "Error" in line]
+                print(
+                    json.dumps({"candidate": candidate, "error": errors[:4] or outputs[0][1][-1500:]}),
+                    flush=True,
+                )
                 continue
             result = json.loads(lines[0][len("RESULT ") :])
-            result.update(rate=args.rate, model=args.model, hosts="2 x 1 rank")
+            result.update(
+                rate=args.rate, model=args.model, hosts=f"2 x {nproc} rank{'s' if nproc > 1 else ''}"
+            )
             print(json.dumps(result), flush=True)
 
 
@@ -125,8 +153,11 @@ def main() -> None:
     parser.add_argument("--rate", default="1gbit", help="tc tbf rate of every host's link")
     parser.add_argument("--model", default="gpt-bench-7m")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks per emulated host")
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank (plait and torch)")
-    parser.add_argument("--batch", type=int, default=4, help="sequences of block_size tokens per rank and step")
+    parser.add_argument(
+        "--batch", type=int, default=4, help="sequences of block_size tokens per rank and step"
+    )
     parser.add_argument("--candidates", default="plait-ddp,plait-ddp-powersgd,torch-ddp-powersgd")
     args = parser.parse_args()
     if args.worker:
