@@ -60,16 +60,23 @@ class SignCompressor(Compressor):
         scales = rows.abs().sum(1).div_(counts)
         bits = (x >= 0).view(torch.uint8).view(torch.int64)  # 8 signs to an int64, byte i = element i
         packed = bits.mul(_PACK).bitwise_right_shift_(56).to(torch.uint8)  # wraps mod 2^64, as meant
-        if self.feedback.enabled:  # what C(x) leaves out: x - s_c sign(x_c)
+        own = None
+        if self.feedback.enabled:  # what C(x) leaves out: x - s_c sign(x_c), computed in x's place
             own = _decode(packed, chunks, chunk)
-            self.feedback.keep(key, torch.addcmul(rows, own, scales.unsqueeze(1), value=-1).view(-1)[:numel])
+            self.feedback.keep(key, rows.addcmul_(own, scales.unsqueeze(1), value=-1).view(-1)[:numel])
         message = torch.cat([scales.view(torch.uint8), packed])
         gathered = torch.empty(self.group.size * message.numel(), dtype=torch.uint8, device=flat.device)
         self.group.all_gather(gathered, message)
-        total = torch.zeros(chunks, chunk, dtype=torch.float32, device=flat.device)
-        for row in gathered.view(self.group.size, -1):  # rank order: the same sum on every rank
-            signs = _decode(row[4 * chunks :], chunks, chunk)
-            total.addcmul_(signs, row[: 4 * chunks].view(torch.float32).unsqueeze(1))
+        total = torch.empty(chunks, chunk, dtype=torch.float32, device=flat.device)
+        for r, row in enumerate(gathered.view(self.group.size, -1)):  # rank order: the same sum on every rank
+            signs = (
+                own if r == self.group.rank and own is not None else _decode(row[4 * chunks :], chunks, chunk)
+            )
+            scale = row[: 4 * chunks].view(torch.float32).unsqueeze(1)
+            if r == 0:
+                torch.mul(signs, scale, out=total)
+            else:
+                total.addcmul_(signs, scale)
         flat.copy_(total.view(-1)[:numel].div_(self.group.size))
 
     def wire_bytes(self) -> int:
