@@ -15,7 +15,8 @@ Needs root (network namespaces, tc). Each candidate is one torchrun job per host
 host a by name, gloo on the shaped veth link), run in turn; the GPT trains on random tokens,
 --batch (default 4) x block_size per rank, AdamW. torch's PowerSGD hook runs with one bucket
 (bucket_cap_mb above the gradient): with several it aborts on gloo (shared/FACTS.md). Prints one
-JSON line per candidate: median step after the first two, first and last loss.
+JSON line per candidate and round: median step after the first two, first and last loss; with
+--repeat R, a table of the median over the R rounds (one run swings 10-20% on this shared VM).
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ def drive(args: argparse.Namespace) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "eth0"}
     nproc = args.nproc_per_node
+    candidates = args.candidates.split(",")
+    steps: dict[str, list[float]] = {}
     with Hosts(2, rate=args.rate) as hosts:
-        for n, candidate in enumerate(args.candidates.split(",")):
+        for n, candidate in enumerate(candidates * args.repeat):  # rounds in turn: drift hits all alike
             argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", str(nproc),
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", hosts.endpoint(PORT + n),
                     "--rdzv-id", f"link-bench-{n}", __file__, "--worker", candidate, "--model", args.model,
@@ -144,7 +147,22 @@ def drive(args: argparse.Namespace) -> None:
             result.update(
                 rate=args.rate, model=args.model, hosts=f"2 x {nproc} rank{'s' if nproc > 1 else ''}"
             )
+            steps.setdefault(candidate, []).append(result["median_step_s"])
             print(json.dumps(result), flush=True)
+    if args.repeat > 1:
+        summarize(steps)
+
+
+def summarize(steps: dict[str, list[float]]) -> None:
+    """The median over rounds of each candidate's median step, and its ratio to torch-ddp and plait-none."""
+    median = {c: statistics.median(v) for c, v in steps.items()}
+    print("| candidate | median step over rounds (each round) | vs torch-ddp | vs plait-none |")
+    print("|---|---|---|---|")
+    for c, m in median.items():
+        runs = ", ".join(f"{1000 * s:.0f}" for s in steps[c])
+        vs_torch = f"{median['torch-ddp'] / m:.2f}x" if "torch-ddp" in median else "-"
+        vs_none = f"{m / median['plait-none']:.2f}" if "plait-none" in median else "-"
+        print(f"| {c} | {1000 * m:.0f} ms ({runs}) | {vs_torch} | {vs_none} |", flush=True)
 
 
 def main() -> None:
@@ -154,6 +172,7 @@ def main() -> None:
     parser.add_argument("--model", default="gpt-bench-7m")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks per emulated host")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the candidates, in turn")
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank (plait and torch)")
     parser.add_argument(
         "--batch", type=int, default=4, help="sequences of block_size tokens per rank and step"

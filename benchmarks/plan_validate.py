@@ -1,7 +1,7 @@
 """Predicted against measured: ``plait plan``'s step time and memory per rank beside short real runs.
 
 One scenario per call (a model, ranks, a batch): measure the profile here (``plait plan --profile``),
-predict every candidate, then train each candidate named in ``--candidates`` for ``--steps`` steps
+predict every candidate, then train each candidate named in ``--candidates`` (and every scenario's pick) for ``--steps`` steps
 with ``plait train`` (median step after the first; peak RSS of the largest rank) and print a
 markdown table with the errors, and whether the pick was the measured fastest (or within 5%).
 
@@ -108,7 +108,10 @@ def validate(args: argparse.Namespace, out: Path, on_hosts: OnHosts | None) -> N
             candidate, args.model, args.nproc, workload, args.steps, on_hosts.rendezvous(), on_hosts.run
         )
 
-    wanted = args.candidates.split(",")
+    caps = [None, *(float(c) for c in filter(None, args.caps_gb.split(",")))]
+    plans = {cap: make_plan(workload, profile, world, args.hosts, cap) for cap in caps}
+    # every scenario's pick is measured too, whether or not --candidates names it
+    wanted = set(args.candidates.split(",")) | {plans[cap].pick.candidate.label for cap in caps}
     chosen = [p for p in plan.predictions if p.candidate.label in wanted]
     runs: dict[str, list[dict]] = {p.candidate.label: [] for p in chosen}
     for round_ in range(args.rounds):  # in turn, the order reversed each round: a disturbed slice of
@@ -138,8 +141,8 @@ def validate(args: argparse.Namespace, out: Path, on_hosts: OnHosts | None) -> N
             }
         )
     scenarios = []
-    for cap in [None, *(float(c) for c in filter(None, args.caps_gb.split(",")))]:
-        capped = make_plan(workload, profile, world, args.hosts, cap)
+    for cap in caps:
+        capped = plans[cap]
         # the pick is made among the exact candidates (lossy compression is never picked): it is
         # judged against the fastest of those that fit
         fitting = [r for r in rows if r["exact"] and (cap is None or r["measured_model_state_gb"] <= cap)]
