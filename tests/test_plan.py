@@ -131,6 +131,76 @@ def test_model_states_match_what_plait_holds():
         assert max(measured) == pytest.approx(predicted, rel=0.02), name
 
 
+def _communication_buffers(strategy: object) -> int:
+    """Bytes of communication memory a runtime allocated beside its model states in one step."""
+    torch.manual_seed(0)
+    model, optimizer = plait.setup(
+        GPT(preset("gpt-tiny")), strategy, lambda ps: plait.optim.AdamW(ps, lr=1e-3)
+    )
+    x = torch.randint(0, 256, (2, 33))
+    F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    optimizer.step()
+    runtime = model.plait_runtime
+    if hasattr(runtime, "transient"):  # zero2: the most its bucket pool held at once
+        return runtime.transient.pool.peak_bytes
+    return sum(t.numel() * t.element_size() for t in runtime.buffer_tensors())
+
+
+@pytest.mark.parametrize("bucket_mb", [25, 0.5])
+def test_buffers_are_what_the_runtime_allocates(bucket_mb):
+    """The memory model's buffers against the runtime's own at 2 ranks: ddp reduces in place in its
+    flat gradient (nothing beside it), zero2 holds at most three pooled buckets, PowerSGD a residual."""
+    work = workload_for("gpt-tiny", 16, 8, bucket_bytes=bucket_mb * 2**20)
+    profile = _profile(hosts=1)
+    cases = [
+        (Candidate("ddp", dp=2), plait.DDP(bucket_mb=bucket_mb)),
+        (Candidate("zero2", dp=2, zero=2), plait.Zero(stage=2, bucket_mb=bucket_mb)),
+        (
+            Candidate("ddp", dp=2, compression="powersgd"),
+            plait.DDP(bucket_mb=bucket_mb, compression=plait.PowerSGD(rank=4)),
+        ),
+    ]
+    for candidate, strategy in cases:
+        predicted = predict(candidate, work, profile, hosts=1).buffer_bytes
+        measured = max(run_ranks(_communication_buffers, 2, strategy))
+        assert measured == pytest.approx(predicted, rel=0.05, abs=1024), candidate.label
+
+
+def _saved_block_activations(tensor_parallel: bool) -> int:
+    """Bytes autograd saves inside the blocks of gpt-tiny's forward (weights excluded)."""
+    torch.manual_seed(0)
+    model = GPT(preset("gpt-tiny"))
+    if tensor_parallel:
+        model, _ = plait.setup(model, plait.TensorParallel(size=2))
+    weights = {p.data_ptr() for p in model.parameters()}
+    saved: dict[tuple[int, int], int] = {}
+    inside = [False]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0] and t.data_ptr() not in weights:
+            saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    for block in model.transformer.h:
+        block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+        block.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+    x = torch.randint(0, 256, (2, 128))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(saved.values())
+
+
+def test_tensor_parallel_splits_the_activations_the_model_says():
+    """Under tp = 2 a block saves (4 + 13/2)/17 of what it saves whole (TP_REPLICATED_ACTIVATIONS)."""
+    from plait.plan.cost import TP_REPLICATED_ACTIVATIONS as whole_share
+
+    whole, split = (
+        run_ranks(_saved_block_activations, 1, False)[0],
+        max(run_ranks(_saved_block_activations, 2, True)),
+    )
+    assert split / whole == pytest.approx(whole_share + (1 - whole_share) / 2, rel=0.03)
+
+
 def test_the_pick_is_the_fastest_that_fits_and_says_why():
     profile = _profile(hosts=1)
     work = workload_for("gpt-tiny", 32, 8)

@@ -20,22 +20,26 @@ rate = the profile's training FLOPs per second per rank; F = 6P + 12LTC training
                  tensors plain; 1 bit per element plus a 4-byte scale per chunk
     tp           per micro-batch and block: two all-reduces in forward, two in backward of b T C x 4
                  bytes (Shoeybi et al. 2019, section 3), plus the embedding's and the loss's
-    pp           (k + p - 1)(t_stage + 2 t_p2p): the bubble is (p-1)/(k+p-1) of the step when the
-                 stages are equal (Huang et al. 2019; Narayanan et al. SC'21), t_stage the slowest
+    pp           (k + p - 1)(t_stage + 2 t_p2p) - overlap x 2 (k - 1) t_p2p: the bubble is (p-1)/(k+p-1)
+                 of the step when the stages are equal (Huang et al. 2019; Narayanan et al. SC'21),
+                 t_stage the slowest; the steady state's asynchronous sends hide behind compute
     local-sgd    one all-reduce of the parameters every H steps: 2(N-1)/N P 4 / H bytes per step
 
 Overlap, as plait overlaps: ddp and zero1/2 launch each bucket's collective in the last micro-batch's
-backward, so at most ``overlap x`` the backward (2/3 of t_mb) hides the gradient traffic but for the
-last bucket; zero1/2's parameter all-gather after the step is never hidden; zero3 prefetches the
-next unit, so its traffic hides behind forward and backward but for the first unit. tp and pp
+backward, so the hidden time is ``overlap x min(the traffic but for the last bucket, the backward)``
+(the profile's overlap is the share of the shorter of the two that runs hidden); zero1/2's
+parameter all-gather after the step is never hidden; zero3 prefetches the next unit, so
+``overlap x min(its traffic but for the first unit, forward and backward)`` is hidden. tp and pp
 traffic is on the critical path.
 
 Memory per rank: the profile's base bytes + model states (ZeRO paper's accounting with plait's
 dtypes: fp32 4 + 4 + 8 bytes per parameter for weights, gradients and AdamW's two moments, sharded
-as each stage shards them) + saved activations (measured per micro-batch, scaled by tokens, 1/tp
-and the stage's layers, times the micro-batches alive: 1 outside a pipeline, p - s under 1F1B, k
-under GPipe) + communication buffers (two buckets in flight; zero2 accumulating over k > 1
-micro-batches holds the full gradient in autograd's .grad until the last one).
+as each stage shards them) + saved activations (measured per micro-batch, scaled by tokens, by
+4/17 + 13/17 / tp (what tp splits of a block's saved tensors) and the stage's layers, times the
+micro-batches alive: 1 outside a pipeline, p - s under 1F1B, k under GPipe) + communication
+buffers as each runtime allocates them (``_buffers``: none for ddp and zero1, which reduce in place
+in the flat gradient; zero2's two pooled buckets, and its full .grad while accumulating over k > 1
+micro-batches; zero3's two gathered units; compression's residual and copies).
 """
 
 from __future__ import annotations
@@ -130,6 +134,11 @@ class Collectives:
 
     def hierarchical_all_reduce(self, nbytes: float, calls: int = 1) -> tuple[float, dict[str, float]]:
         """Reduce-scatter within the host, all-reduce the 1/R shard across hosts, all-gather within."""
+        within, across, levels = self.hierarchical_parts(nbytes, calls)
+        return within + across, levels
+
+    def hierarchical_parts(self, nbytes: float, calls: int = 1) -> tuple[float, float, dict[str, float]]:
+        """``hierarchical_all_reduce``'s seconds within the host and across hosts, apart."""
         from plait.comm.stats import bus_bytes
 
         r, h = self.per_host, self.hosts
@@ -138,7 +147,7 @@ class Collectives:
         )
         across = self._level_time("all_reduce", "network", nbytes / r, h, calls, streams=r)
         host_bytes = 2 * bus_bytes("reduce_scatter", int(nbytes), r)
-        return within + across, {"host": host_bytes, "network": bus_bytes("all_reduce", int(nbytes / r), h)}
+        return within, across, {"host": host_bytes, "network": bus_bytes("all_reduce", int(nbytes / r), h)}
 
     def p2p(self, nbytes: float, level: str, calls: int = 1) -> float:
         link = self.profile.link(level, "p2p")
@@ -200,7 +209,11 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
     inner_level = "host" if inner_hosts == 1 else "network"
 
     # -- data-parallel traffic ---------------------------------------------------------------------
-    hidden_budget = profile.overlap * (2 / 3) * t_mb  # the last micro-batch's backward
+    # overlap: the share of the shorter of (hideable comm, compute beside it) that is hidden; the
+    # buckets launch in the last micro-batch's backward (2/3 of t_mb), the last one after it
+    window = (2 / 3) * t_mb
+    # a flat collective over ranks on several hosts runs at the wire's pace: the network's overlap
+    overlap = profile.overlap_on("network" if dp_hosts > 1 else "host")
     calls = max(1, math.ceil(grad_bytes / workload.bucket_bytes))
     wire = _compressed_bytes(workload, candidate, grad_bytes)
     comm = exposed = 0.0
@@ -210,11 +223,16 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
         _add(bytes_per_level, levels, 1 / candidate.period)
     elif dp > 1 and candidate.zero in (0,) and candidate.strategy != "zero3":
         if candidate.hierarchical and dp_hosts > 1:
-            seconds, levels = dp_comm.hierarchical_all_reduce(wire, calls)
+            # the in-host stages compete with compute for the cores, the cross-host one waits on the wire
+            within, across, levels = dp_comm.hierarchical_parts(wire, calls)
+            hideable = (calls - 1) / calls
+            hidden = profile.overlap_on("host") * min(within * hideable, window)
+            hidden += profile.overlap_on("network") * min(across * hideable, window)
+            comm = within + across
+            exposed = comm - min(hidden, window)
         else:
-            seconds, levels = dp_comm.flat("all_reduce", wire, calls)
-        comm = seconds
-        exposed = seconds - min(seconds * (calls - 1) / calls, hidden_budget)
+            comm, levels = dp_comm.flat("all_reduce", wire, calls)
+            exposed = comm - overlap * min(comm * (calls - 1) / calls, window)
         _add(bytes_per_level, levels)
     elif dp > 1 and candidate.zero in (1, 2):
         rs, rs_levels = dp_comm.flat("reduce_scatter", wire, calls)
@@ -222,7 +240,7 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
             "all_gather", rank_params * (2 if workload.mixed_precision else FP32), calls
         )
         comm = rs + ag
-        exposed = ag + rs - min(rs * (calls - 1) / calls, hidden_budget)
+        exposed = ag + rs - overlap * min(rs * (calls - 1) / calls, window)
         _add(bytes_per_level, rs_levels)
         _add(bytes_per_level, ag_levels)
     elif dp > 1 and candidate.zero == 3:
@@ -233,7 +251,7 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
         per_mb = 2 * ag + rs
         comm = k * per_mb
         first_unit = per_mb / units
-        exposed = comm - min(k * (per_mb - first_unit), profile.overlap * k * t_mb)
+        exposed = comm - overlap * min(k * (per_mb - first_unit), k * t_mb)
         _add(bytes_per_level, ag_levels, 2 * k)
         _add(bytes_per_level, rs_levels, k)
 
@@ -263,7 +281,10 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
             "all_reduce", workload.vocab_size * c * g / tp
         )
         compute_s = slots * t_mb
-        pipeline_comm = slots * (tp_per_mb + 2 * t_p2p) + tied
+        # sends are asynchronous: of the 2 (k + p - 1) hand-offs on the critical path, the 2 (k - 1)
+        # of the steady state run beside the next micro-batch's compute (at the profile's overlap)
+        hidden_p2p = profile.overlap_on(inner_level) * 2 * (k - 1) * min(t_p2p, t_mb)
+        pipeline_comm = slots * (tp_per_mb + 2 * t_p2p) - hidden_p2p + tied
         _add(bytes_per_level, {inner_level: 2 * k * activation})
     else:
         compute_s = k * t_mb
@@ -278,13 +299,7 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
     # -- memory per rank --------------------------------------------------------------------------
     states = _model_states(candidate, rank_params, dp, workload)
     activation_bytes = _activations(workload, profile, candidate, stages, k)
-    buffers = 0.0 if dp == 1 else 2 * min(workload.bucket_bytes, grad_bytes)
-    if candidate.zero == 3:
-        buffers = 2 * max(workload.layer_params[1:-1] or [0]) * FP32  # the current and the prefetched unit
-    if candidate.compression in ("powersgd", "sign"):
-        buffers += rank_params * FP32  # the error-feedback residual, as large as the local gradient
-    if dp > 1 and k > 1 and (candidate.zero == 2 or candidate.strategy == "zero2"):
-        buffers += grad_bytes  # under no_sync zero2 accumulates in autograd's full .grad tensors
+    buffers = _buffers(candidate, workload, rank_params, grad_bytes, dp, k, dp_comm.per_host)
     mem = profile.base_bytes + states + activation_bytes + buffers
     return Prediction(
         candidate=candidate,
@@ -302,6 +317,43 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
         fits=mem <= profile.memory_per_rank_bytes,
         tokens_per_s=workload.tokens / step_s,
     )
+
+
+def _buffers(
+    candidate: Candidate, workload: Workload, params: float, grad_bytes: float, dp: int, k: int, per_host: int
+) -> float:
+    """Communication memory beside the model states at the step's peak, as each runtime allocates it.
+
+    ddp and zero1 reduce each bucket in place in the flat gradient (a model state): nothing more.
+    zero2 collects and reduces buckets in pooled buffers (two reducing, one filling; together at
+    most the gradient) and, accumulating over k > 1 micro-batches under no_sync, holds the full
+    gradient in autograd's ``.grad`` until the last.
+    zero3 holds the current and the prefetched unit. Hierarchical: the host chunk of the bucket in
+    flight (B/R). bf16 on the wire: one bf16 copy of the bucket being sent. PowerSGD: the
+    error-feedback residual, as large as the local fp32 gradient (P and Q are r(m + n) numbers).
+    Sign: the residual, and a padded fp32 copy and the decoded sum of the bucket being sent.
+    """
+    if dp == 1:
+        return 0.0
+    stage = candidate.zero or (int(candidate.strategy[-1]) if candidate.strategy.startswith("zero") else 0)
+    bucket = min(workload.bucket_bytes, params * FP32)
+    buffers = 0.0
+    if stage == 3:
+        buffers += 2 * max(workload.layer_params[1:-1] or [0]) * FP32  # the current and the prefetched unit
+    elif stage == 2:
+        # two buckets reducing and one filling (BucketPool's limit + 1), together at most the gradient
+        buffers += min(3 * workload.bucket_bytes, grad_bytes)
+        if k > 1:
+            buffers += grad_bytes  # under no_sync zero2 accumulates in autograd's full .grad tensors
+    if candidate.hierarchical and stage != 3:
+        buffers += bucket / per_host
+    if candidate.compression == "bf16":
+        buffers += bucket / 2
+    elif candidate.compression in ("powersgd", "sign"):
+        buffers += params * FP32  # the error-feedback residual, as large as the local gradient
+        if candidate.compression == "sign":
+            buffers += 2 * bucket
+    return buffers
 
 
 def _model_states(candidate: Candidate, params: float, dp: int, workload: Workload) -> float:
@@ -329,6 +381,14 @@ def _model_states(candidate: Candidate, params: float, dp: int, workload: Worklo
     return params * per_param
 
 
+TP_REPLICATED_ACTIVATIONS = 4 / 17
+"""Share of a block's saved activations that tensor parallelism does not split, counted from plait's
+GPT block per token: the inputs of ln_1, c_attn, ln_2 and c_fc (C each) are whole on every tp rank;
+q, k, v and the attention output (4C), c_proj's input (C), GELU's input and output (8C) are split
+(the accounting of Korthikanti et al. 2022, table 2, with fused attention saving no T x T scores and
+no dropout masks): 4 of 17 C."""
+
+
 def _activations(
     workload: Workload, profile: Profile, candidate: Candidate, stages: list[list[int]], k: int
 ) -> float:
@@ -343,4 +403,5 @@ def _activations(
     alive = 1  # outside a pipeline; 1F1B keeps at most p micro-batches alive on its first stage, GPipe all k
     if candidate.pp > 1:
         alive = k if candidate.schedule == "gpipe" else min(k, candidate.pp)
-    return per_token * tokens * stage_share * alive / candidate.tp
+    tp_share = TP_REPLICATED_ACTIVATIONS + (1 - TP_REPLICATED_ACTIVATIONS) / candidate.tp
+    return per_token * tokens * stage_share * alive * tp_share

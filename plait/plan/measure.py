@@ -298,10 +298,12 @@ def measure(model_name: str, micro_batch: int, out: str) -> None:
         links["host"] = measure_links(group)
         overlap = measure_overlap(group)
         interleave = measure_interleave(group)
+    network_overlap = None
     if hosts > 1:
         group = ctx.split(across, "network")
         links["network"] = measure_links(group)
-        overlap = measure_overlap(group) if local == 1 else overlap
+        network_overlap = measure_overlap(group)  # every local rank's cross-host stream at once
+        overlap = network_overlap if local == 1 else overlap
         interleave = measure_interleave(group) if local == 1 else interleave
     if ctx.world_size == 1:
         overlap = interleave = 0.0
@@ -325,6 +327,7 @@ def measure(model_name: str, micro_batch: int, out: str) -> None:
         flops_per_s=-float(figures[1]),
         optimizer_s_per_param=float(figures[2]),
         overlap=overlap,
+        network_overlap=network_overlap,
         interleave_s=interleave,
         memory_per_rank_bytes=float(memory),
         base_bytes=0.0,

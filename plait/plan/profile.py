@@ -106,6 +106,15 @@ class Profile:
     activation_bytes_per_token_layer: float = 0.0
     """Hand-written profiles: saved-activation bytes per token per layer per unit of n_embd (Korthikanti et
     al. 2022: 34 bytes in 16-bit without recomputation); 0: use the measured timing's count."""
+    network_overlap: float | None = None
+    """``overlap`` of traffic across hosts, measured on one rank per host beside the others: a collective
+    bound by the wire leaves the cores to compute, one within a host competes for them. None: ``overlap``."""
+
+    def overlap_on(self, level: str) -> float:
+        """The share of ``level``'s traffic that compute beside it hides."""
+        if level == "network" and self.network_overlap is not None:
+            return self.network_overlap
+        return self.overlap
 
     def link(self, level: str, op: str) -> Link:
         if level not in self.links or op not in self.links[level]:
