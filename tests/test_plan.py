@@ -109,7 +109,8 @@ def _largest_stage_share(work) -> float:
     return max(sum(flops[i] for i in stage) for stage in _stages(work, 2)) / sum(flops)
 
 
-def _model_states(strategy: str) -> int:
+def _one_step(strategy: object) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """gpt-tiny under ``strategy`` after one training step."""
     torch.manual_seed(0)
     model, optimizer = plait.setup(
         GPT(preset("gpt-tiny")), strategy, lambda ps: plait.optim.AdamW(ps, lr=1e-3)
@@ -117,7 +118,11 @@ def _model_states(strategy: str) -> int:
     x = torch.randint(0, 256, (2, 33))
     F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
     optimizer.step()
-    return plait.memory_report(model, optimizer).model_states
+    return model, optimizer
+
+
+def _model_states(strategy: str) -> int:
+    return plait.memory_report(*_one_step(strategy)).model_states
 
 
 def test_model_states_match_what_plait_holds():
@@ -133,14 +138,7 @@ def test_model_states_match_what_plait_holds():
 
 def _communication_buffers(strategy: object) -> int:
     """Bytes of communication memory a runtime allocated beside its model states in one step."""
-    torch.manual_seed(0)
-    model, optimizer = plait.setup(
-        GPT(preset("gpt-tiny")), strategy, lambda ps: plait.optim.AdamW(ps, lr=1e-3)
-    )
-    x = torch.randint(0, 256, (2, 33))
-    F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
-    optimizer.step()
-    runtime = model.plait_runtime
+    runtime = _one_step(strategy)[0].plait_runtime
     if hasattr(runtime, "transient"):  # zero2: the most its bucket pool held at once
         return runtime.transient.pool.peak_bytes
     return sum(t.numel() * t.element_size() for t in runtime.buffer_tensors())
