@@ -6,7 +6,8 @@
         --candidates torch-ddp,torch-hsdp,plait-ddp-hier,plait-zero3-hier
 
 Candidates: plait-none (no communication), plait-<ddp|zero1|zero2|zero3>[-<bf16|powersgd|sign>][-hier]
-(e.g. plait-ddp-powersgd, plait-zero3-powersgd; -hier: two-level, HSDP for zero3), torch-ddp,
+(e.g. plait-ddp-powersgd, plait-zero3-powersgd; -hier: two-level, HSDP for zero3; -bMB: buckets of MB
+MiB instead of 25, e.g. plait-ddp-powersgd-b100), torch-ddp,
 torch-ddp-powersgd, torch-fsdp2 (fully_shard per block and at the root, resharded after forward:
 ZeRO-3), torch-hsdp (the same on a 2-D mesh: replicated across hosts, sharded within one). plait's
 rows also give the median seconds per step its comm layer spent in collectives (median_comm_s).
@@ -49,9 +50,11 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
     if candidate.startswith("plait"):
         ctx = plait.init()
         rank = ctx.rank
-        base, *scheme = candidate.split("-")[1:]  # plait-<none|ddp|zero1|zero2|zero3>[-<scheme>][-hier]
+        base, *scheme = candidate.split("-")[1:]  # plait-<none|ddp|zero1|zero2|zero3>[-<scheme>][-hier][-bMB]
         hierarchical = "hier" in scheme
-        scheme = [s for s in scheme if s != "hier"]
+        buckets = [s for s in scheme if s[:1] == "b" and s[1:].replace(".", "").isdigit()]  # -b100
+        bucket_mb = float(buckets[0][1:]) if buckets else 25.0
+        scheme = [s for s in scheme if s != "hier" and s not in buckets]
         compression = {"powersgd": plait.PowerSGD(rank=rank_param), "bf16": "bf16", "sign": "sign"}.get(
             scheme[0] if scheme else None
         )
@@ -59,9 +62,11 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
         if base == "none":
             strategy = "none"
         elif base == "ddp":
-            strategy = plait.DDP(compression=compression, hierarchical=hierarchical)
+            strategy = plait.DDP(compression=compression, hierarchical=hierarchical, bucket_mb=bucket_mb)
         else:
-            strategy = plait.Zero(stage=int(base[-1]), compression=compression, hierarchical=hierarchical)
+            strategy = plait.Zero(
+                stage=int(base[-1]), compression=compression, hierarchical=hierarchical, bucket_mb=bucket_mb
+            )
         model, opt = plait.setup(model, strategy, lambda ps: plait.optim.AdamW(ps, lr=3e-4))
     else:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
