@@ -38,8 +38,8 @@ as each stage shards them) + saved activations (measured per micro-batch, scaled
 4/17 + 13/17 / tp (what tp splits of a block's saved tensors) and the stage's layers, times the
 micro-batches alive: 1 outside a pipeline, p - s under 1F1B, k under GPipe) + communication
 buffers as each runtime allocates them (``_buffers``: none for ddp and zero1, which reduce in place
-in the flat gradient; zero2's two pooled buckets, and its full .grad while accumulating over k > 1
-micro-batches; zero3's two gathered units; compression's residual and copies).
+in the flat gradient; zero2's pooled buckets, at most three, and its full .grad while accumulating
+over k > 1 micro-batches; zero3's two gathered units; compression's residual and copies).
 """
 
 from __future__ import annotations
