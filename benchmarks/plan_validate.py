@@ -117,11 +117,13 @@ class OnHosts:
 
 
 def validate(args: argparse.Namespace, out: Path, on_hosts: OnHosts | None) -> None:
-    path = str(out.with_suffix(".profile.json"))
-    if on_hosts is None:
-        profile = measure_profile(args.model, args.micro_batch, LaunchConfig(nproc=args.nproc), path)
-    else:
-        profile = on_hosts.profile(args.model, args.micro_batch, path)
+    def measured_profile(suffix: str) -> Profile:
+        path = str(out.with_suffix(suffix))
+        if on_hosts is None:
+            return measure_profile(args.model, args.micro_batch, LaunchConfig(nproc=args.nproc), path)
+        return on_hosts.profile(args.model, args.micro_batch, path)
+
+    profile = measured_profile(".profile.json")
     workload = workload_for(args.model, args.global_batch, args.micro_batch)
     world = args.nproc * args.hosts
 
@@ -149,13 +151,7 @@ def validate(args: argparse.Namespace, out: Path, on_hosts: OnHosts | None) -> N
         os.environ["MALLOC_MMAP_THRESHOLD_"] = PINNED
         if on_hosts is not None:
             on_hosts.env["MALLOC_MMAP_THRESHOLD_"] = PINNED
-        pinned_path = str(out.with_suffix(".pinned.profile.json"))
-        if on_hosts is None:
-            pinned = measure_profile(
-                args.model, args.micro_batch, LaunchConfig(nproc=args.nproc), pinned_path
-            )
-        else:
-            pinned = on_hosts.profile(args.model, args.micro_batch, pinned_path)
+        pinned = measured_profile(".pinned.profile.json")
         live = {c.label: measure(c, min(args.steps, 4))["measured_mem_gb"] for c in chosen}
     report(args, out, profile, pinned, {c.label: (runs[c.label], live.get(c.label)) for c in chosen})
 
@@ -167,13 +163,15 @@ def _caps(args: argparse.Namespace) -> list[float | None]:
 def replay(args: argparse.Namespace, out: Path) -> None:
     """The same measurements (``--out``'s JSON and profiles) judged again by the current cost model."""
     result = json.loads(out.read_text())
+    if not all("runs" in r for r in result.get("rows", [])):
+        raise SystemExit(f"{out} holds no runs to replay: it was written before --replay existed")
     for key in ("model", "nproc", "hosts", "rate", "global_batch", "micro_batch", "caps_gb"):
         setattr(args, key, result[key])
     args.burst = result.get("burst", "1mb")
     pinned_path = out.with_suffix(".pinned.profile.json")
     pinned = load(pinned_path) if pinned_path.exists() else None
     measured = {
-        r["strategy"]: (r["runs"], r["measured_mem_gb"] if r["malloc_mmap_threshold"] else None)
+        r["strategy"]: (r["runs"], r["measured_mem_gb"] if r.get("malloc_mmap_threshold") else None)
         for r in result["rows"]
     }
     report(args, out, load(out.with_suffix(".profile.json")), pinned, measured)
