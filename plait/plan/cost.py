@@ -319,6 +319,13 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
     )
 
 
+def _zero_stage(candidate: Candidate) -> int:
+    """The ZeRO stage a candidate runs: its name's (zero1/2/3) or its data-parallel axis's."""
+    if candidate.strategy in ("zero1", "zero2", "zero3"):
+        return int(candidate.strategy[-1])
+    return candidate.zero
+
+
 def _buffers(
     candidate: Candidate, workload: Workload, params: float, grad_bytes: float, dp: int, k: int, per_host: int
 ) -> float:
@@ -335,7 +342,7 @@ def _buffers(
     """
     if dp == 1:
         return 0.0
-    stage = candidate.zero or (int(candidate.strategy[-1]) if candidate.strategy.startswith("zero") else 0)
+    stage = _zero_stage(candidate)
     bucket = min(workload.bucket_bytes, params * FP32)
     buffers = 0.0
     if stage == 3:
@@ -365,11 +372,7 @@ def _model_states(candidate: Candidate, params: float, dp: int, workload: Worklo
     shard after the step, (4 + 8)/N. Mixed precision (not checked): 2-byte weights and gradients plus
     16 bytes of fp32 master, moments and the fp32 gradient the optimizer reads, sharded alike.
     """
-    stage = (
-        candidate.zero
-        if candidate.strategy not in ("zero1", "zero2", "zero3")
-        else int(candidate.strategy[-1])
-    )
+    stage = _zero_stage(candidate)
     weights, grads, optimizer = (2, 2, 16) if workload.mixed_precision else (FP32, FP32, 2 * FP32)
     shard = 1 / dp
     per_param = {
