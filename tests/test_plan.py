@@ -136,18 +136,24 @@ def test_model_states_match_what_plait_holds():
         assert max(measured) == pytest.approx(predicted, rel=0.02), name
 
 
-def _communication_buffers(strategy: object) -> int:
-    """Bytes of communication memory a runtime allocated beside its model states in one step."""
+def _communication_buffers(strategy: object) -> tuple[int, int]:
+    """Bytes of communication memory a runtime allocated beside its model states in one step, and
+    for zero2 how many buckets its pool may hold at once (0 for the others)."""
     runtime = _one_step(strategy)[0].plait_runtime
     if hasattr(runtime, "transient"):  # zero2: the most its bucket pool held at once
-        return runtime.transient.pool.peak_bytes
-    return sum(t.numel() * t.element_size() for t in runtime.buffer_tensors())
+        pool = runtime.transient.pool
+        return pool.peak_bytes, pool.limit + 1
+    return sum(t.numel() * t.element_size() for t in runtime.buffer_tensors()), 0
 
 
 @pytest.mark.parametrize("bucket_mb", [25, 0.5])
 def test_buffers_are_what_the_runtime_allocates(bucket_mb):
     """The memory model's buffers against the runtime's own at 2 ranks: ddp reduces in place in its
-    flat gradient (nothing beside it), zero2 holds at most three pooled buckets, PowerSGD a residual."""
+    flat gradient (nothing beside it), zero2 holds at most three pooled buckets, PowerSGD a residual.
+
+    zero2's pool reaches its bound only when reductions finish slower than backward fills buckets
+    (a finished bucket's buffer serves the next), so how many it held depends on timing: the model
+    predicts the bound, which the pool must never pass and which must be the pool's own limit."""
     work = workload_for("gpt-tiny", 16, 8, bucket_bytes=bucket_mb * 2**20)
     profile = _profile(hosts=1)
     cases = [
@@ -160,8 +166,13 @@ def test_buffers_are_what_the_runtime_allocates(bucket_mb):
     ]
     for candidate, strategy in cases:
         predicted = predict(candidate, work, profile, hosts=1).buffer_bytes
-        measured = max(run_ranks(_communication_buffers, 2, strategy))
-        assert measured == pytest.approx(predicted, rel=0.05, abs=1024), candidate.label
+        measured, pool_buckets = max(run_ranks(_communication_buffers, 2, strategy))
+        if candidate.strategy != "zero2" or predicted >= work.params * 4:
+            # one bucket holds the whole gradient (or no pool): no timing enters
+            assert measured == pytest.approx(predicted, rel=0.05, abs=1024), candidate.label
+        else:
+            assert predicted == pool_buckets * work.bucket_bytes
+            assert work.bucket_bytes * 0.95 <= measured <= predicted * 1.05, candidate.label
 
 
 def _saved_block_activations(tensor_parallel: bool) -> int:
