@@ -237,6 +237,37 @@ def test_error_feedback_reaches_the_uncompressed_val_loss(strategy, uncompressed
         assert result["val"] <= 1.03 * uncompressed_val
 
 
+@pytest.mark.parametrize("stage", [0, 2], ids=["ddp", "zero2"])
+def test_powersgd_under_bf16_mixed_precision(stage):
+    """bf16 gradients are compressed in bf16: P, Q and the residual in the gradient's dtype (half the
+    bytes on the wire, counted by the comm layer and equal to the formula, and half the memory of the
+    fp32 run's), the QR in fp32; and it trains to within 3% of uncompressed bf16 ddp's val loss.
+
+    Rank 4: measured 0.750 (ddp and zero2) against 0.750 uncompressed. At rank 2, where fp32 stays
+    within 3% (above), bf16 ends at 0.801, 7% over, and no better with the compression computed in
+    fp32 (0.824): bf16 training, not the compressor's arithmetic, needs the higher rank here.
+    """
+
+    def strategy(mixed_precision):
+        compression = plait.PowerSGD(rank=4)
+        if stage == 0:
+            return plait.DDP(mixed_precision=mixed_precision, compression=compression)
+        return plait.Zero(stage=stage, mixed_precision=mixed_precision, compression=compression)
+
+    half, full = (run_ranks(link_bytes_run, 2, strategy(mp), 3) for mp in ("bf16", None))
+    for result in half:
+        for step in result["sent"]:
+            assert sum(step.values()) == result["theory_bytes"]
+    assert half[0]["theory_bytes"] * 2 == full[0]["theory_bytes"]
+    trained = run_ranks(val_loss_after, 2, strategy("bf16"), LEARN_STEPS)
+    uncompressed = run_ranks(val_loss_after, 2, plait.DDP(mixed_precision="bf16"), LEARN_STEPS)[0]["val"]
+    fp32_buffers = run_ranks(val_loss_after, 2, strategy(None), 1)[0]["memory"].buffers
+    assert uncompressed < 0.6 * UNIGRAM_ENTROPY
+    for result in trained:
+        assert result["val"] <= 1.03 * uncompressed
+        assert result["memory"].buffers == pytest.approx(fp32_buffers / 2, rel=0.01)
+
+
 def test_sign_with_error_feedback_reaches_the_uncompressed_val_loss_under_sgd():
     """EF-SignSGD's setting (Karimireddy et al. 2019: the compressed gradient applied by plain SGD):
     within 3% of uncompressed SGD, and better than the sign without error feedback.

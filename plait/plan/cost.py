@@ -16,8 +16,9 @@ rate = the profile's training FLOPs per second per rank; F = 6P + 12LTC training
                  3 (N-1)/N P g per micro-batch (no no_sync under zero3)
     hierarchical reduce-scatter within a host, all-reduce of the 1/R shard across hosts, all-gather
                  within the host: across hosts 2(H-1)/H P g / R bytes per rank
-    bf16 / powersgd / sign   g = 2; r(m + n) numbers per m x n matrix (Vogels et al. 2019), 1-D
-                 tensors plain; 1 bit per element plus a 4-byte scale per chunk
+    bf16 / powersgd / sign   g = 2; r(m + n) numbers (in the gradient's dtype) per m x n matrix
+                 (Vogels et al. 2019), 1-D tensors plain; 1 bit per element plus a 4-byte scale
+                 per chunk
     tp           per micro-batch and block: two all-reduces in forward, two in backward of b T C x 4
                  bytes (Shoeybi et al. 2019, section 3), plus the embedding's and the loss's
     pp           (k + p - 1)(t_stage + 2 t_p2p) - overlap x 2 (k - 1) t_p2p: the bubble is (p-1)/(k+p-1)
@@ -171,7 +172,8 @@ def _compressed_bytes(workload: Workload, candidate: Candidate, grad_bytes: floa
         # plait's PowerSGD sends a matrix plainly unless m n >= 2 r (m + n) (min_compression_rate)
         matrices = [(m, n) for m, n in matrices if m * n >= 2 * r * (m + n)]
         matrix_params = sum(m * n for m, n in matrices)
-        return FP32 * (sum(r * (m + n) for m, n in matrices) + workload.params - matrix_params)
+        numbers = sum(r * (m + n) for m, n in matrices) + workload.params - matrix_params
+        return numbers * (2 if workload.mixed_precision else FP32)  # in the gradient's dtype
     if candidate.compression == "sign":
         return workload.params / 8 + FP32 * math.ceil(workload.params / 2**20)
     raise ConfigError(f"compression={candidate.compression!r} is not known; use bf16, powersgd or sign")
@@ -337,7 +339,7 @@ def _buffers(
     gradient in autograd's ``.grad`` until the last.
     zero3 holds the current and the prefetched unit. Hierarchical: the host chunk of the bucket in
     flight (B/R). bf16 on the wire: one bf16 copy of the bucket being sent. PowerSGD: the
-    error-feedback residual, as large as the local fp32 gradient (P and Q are r(m + n) numbers).
+    error-feedback residual, as large as the local gradient, in its dtype (P and Q are r(m + n) numbers).
     Sign: the residual, and a padded fp32 copy and the decoded sum of the bucket being sent.
     """
     if dp == 1:
@@ -357,7 +359,8 @@ def _buffers(
     if candidate.compression == "bf16":
         buffers += bucket / 2
     elif candidate.compression in ("powersgd", "sign"):
-        buffers += params * FP32  # the error-feedback residual, as large as the local gradient
+        # the error-feedback residual, as large as the local gradient and in its dtype
+        buffers += params * (2 if workload.mixed_precision else FP32)
         if candidate.compression == "sign":
             buffers += 2 * bucket
     return buffers

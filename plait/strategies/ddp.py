@@ -170,7 +170,7 @@ class DDPRuntime(DataParallelRuntime):
                     (flat.offsets[i] - bucket.start, tuple(flat.params[i].shape)) for i in bucket.params
                 ]
                 grad = flat.grad
-                self.reducer.register(k, bucket.stop - bucket.start, grad.element_size(), layout, grad.device)
+                self.reducer.register(k, bucket.stop - bucket.start, grad.dtype, layout, grad.device)
 
     def _launch(self, k: int) -> Handle:
         flat, bucket = self.buckets[k]

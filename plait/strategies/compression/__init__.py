@@ -165,9 +165,13 @@ class ErrorFeedback:
         self.dtype = dtype
         self.residuals: dict[int, torch.Tensor] = {}
 
-    def register(self, key: int, numel: int, device: torch.device) -> None:
+    def register(self, key: int, numel: int, device: torch.device, gradient_dtype: torch.dtype) -> None:
+        """The residual is never wider than the gradient it is added to (the sum rounds to the gradient's
+        dtype): under bf16 mixed precision it is bf16 whatever ``residual_dtype`` asks."""
         if self.enabled:
-            self.residuals[key] = torch.zeros(numel, dtype=self.dtype, device=device)
+            narrow = torch.finfo(gradient_dtype).bits < torch.finfo(self.dtype).bits
+            dtype = gradient_dtype if narrow else self.dtype
+            self.residuals[key] = torch.zeros(numel, dtype=dtype, device=device)
 
     def compensate(self, key: int, x: torch.Tensor) -> None:
         """x <- x + e: this step's gradient plus what earlier steps did not send."""
@@ -195,11 +199,16 @@ class Compressor:
         self.group = group
         self.feedback = ErrorFeedback(config.error_feedback, _residual_dtype(config.residual_dtype))
         self.sizes: dict[int, int] = {}
+        self.dtypes: dict[int, torch.dtype] = {}
 
-    def register(self, key: int, numel: int, layout: Layout, device: torch.device) -> None:
-        """Message ``key`` will be ``numel`` elements laid out as ``layout``: make its state now."""
+    def register(
+        self, key: int, numel: int, layout: Layout, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> None:
+        """Message ``key`` will be ``numel`` elements of ``dtype`` (the gradient's: bf16 under mixed
+        precision) laid out as ``layout``: make its state now."""
         self.sizes[key] = numel
-        self.feedback.register(key, numel, device)
+        self.dtypes[key] = dtype
+        self.feedback.register(key, numel, device, dtype)
 
     def all_reduce(self, key: int, flat: torch.Tensor) -> None:
         """In place and blocking: ``flat`` becomes the (compressed) average over the group."""

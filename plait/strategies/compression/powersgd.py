@@ -13,8 +13,9 @@ on every rank), one step of subspace iteration, linear in M and so all-reducible
     all-reduce(Q) / N                one message: every Q of the bucket
     M <- P Q^T                       the same rank-r approximation of the average on every rank
 
-Bytes per rank and step: 2(N-1)/N x 4 x (sum r(m + n) + plain elements), where r = min(rank, m, n).
-A matrix is sent plainly (with the 1-D tensors: biases, norms) unless mn >= min_compression_rate x
+Bytes per rank and step: 2(N-1)/N x s x (sum r(m + n) + plain elements), where r = min(rank, m, n)
+and s is the gradient's element size (4; 2 under bf16 mixed precision, whose factors and residual
+are bf16 too; the orthogonalization runs in fp32). A matrix is sent plainly (with the 1-D tensors: biases, norms) unless mn >= min_compression_rate x
 r(m + n); plain elements ride in the first all-reduce, so a bucket costs two all-reduces. At full
 rank (r = min(m, n)) P spans M's column space, P P^T M = M, and training equals uncompressed.
 """
@@ -63,10 +64,13 @@ class PowerSGDCompressor(Compressor):
         self.qs: dict[int, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
 
-    def register(self, key: int, numel: int, layout: Layout, device: torch.device) -> None:
-        super().register(key, numel, layout, device)
+    def register(
+        self, key: int, numel: int, layout: Layout, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().register(key, numel, layout, device, dtype)
         plan = self.plans[key] = _Plan(numel, layout, self.config)
-        self.qs[key] = torch.randn(plan.q_numel, generator=self.generator).to(device)
+        # the factors live in the gradient's dtype (bf16 under mixed precision: half the bytes)
+        self.qs[key] = torch.randn(plan.q_numel, generator=self.generator).to(device=device, dtype=dtype)
 
     def all_reduce(self, key: int, flat: torch.Tensor) -> None:
         # Each phase visits a matrix once, while it is in cache. On one core MKL computes M^T P
@@ -109,9 +113,10 @@ class PowerSGDCompressor(Compressor):
     def wire_bytes(self) -> int:
         n = self.group.size
         total = 0
-        for plan in self.plans.values():  # both messages travel in the gradients' fp32
-            total += 2 * (n - 1) * (plan.p_numel + plan.plain_numel) * 4 // n
-            total += 2 * (n - 1) * plan.q_numel * 4 // n
+        for key, plan in self.plans.items():  # both messages travel in the gradient's dtype
+            itemsize = self.dtypes[key].itemsize
+            total += 2 * (n - 1) * (plan.p_numel + plan.plain_numel) * itemsize // n
+            total += 2 * (n - 1) * plan.q_numel * itemsize // n
         return total
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -137,10 +142,11 @@ def _orthogonalize(ps: list[torch.Tensor], plan: _Plan) -> None:
 
     Householder QR (LAPACK) rather than the paper's Gram-Schmidt: batched, and a zero or rank-
     deficient P (a gradient with zero rows) gives orthonormal columns instead of a division by zero.
-    Every rank runs it on the same all-reduced P, so every rank gets the same basis.
+    Every rank runs it on the same all-reduced P, so every rank gets the same basis. In fp32 whatever
+    P's dtype (LAPACK has no bf16; P is small).
     """
     for indices in plan.batches.values():
-        stacked = torch.stack([ps[i] for i in indices])
+        stacked = torch.stack([ps[i] for i in indices]).float()
         basis = torch.linalg.qr(stacked, mode="reduced").Q
         for i, b in zip(indices, basis):
             ps[i].copy_(b)

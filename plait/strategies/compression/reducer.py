@@ -49,22 +49,24 @@ class GradientReducer:
         self.compressor = make_compressor(compression, target) if compression is not None else None
         self.numels: dict[int, tuple[int, int]] = {}
 
-    def register(self, key: int, numel: int, itemsize: int, layout: Layout, device: torch.device) -> None:
-        """Bucket ``key``: ``numel`` elements of ``itemsize`` bytes laid out as ``layout``."""
-        self.numels[key] = (numel, itemsize)
+    def register(
+        self, key: int, numel: int, dtype: torch.dtype, layout: Layout, device: torch.device
+    ) -> None:
+        """Bucket ``key``: ``numel`` elements of ``dtype`` laid out as ``layout``."""
+        self.numels[key] = (numel, dtype.itemsize)
         if self.compressor is None:
             return
         if self.levels is not None:
             lo, hi = self.levels.chunk(numel)
-            self.compressor.register(key, hi - lo, cut_layout(layout, lo, hi), device)
+            self.compressor.register(key, hi - lo, cut_layout(layout, lo, hi), device, dtype)
         else:
-            self.compressor.register(key, numel, layout, device)
+            self.compressor.register(key, numel, layout, device, dtype)
 
     def register_buffers(self, buffers: list[FlatBuffer]) -> None:
         """Bucket b is the whole of ``buffers[b]`` (ZeRO's buckets, one flat buffer each)."""
         for b, flat in enumerate(buffers):
             layout = [(o, tuple(p.shape)) for o, p in zip(flat.offsets, flat.params)]
-            self.register(b, flat.data.numel(), flat.data.element_size(), layout, flat.data.device)
+            self.register(b, flat.data.numel(), flat.data.dtype, layout, flat.data.device)
 
     def all_reduce(self, key: int, gradient: torch.Tensor) -> Handle | StagedHandle:
         """Start averaging bucket ``key``'s ``gradient`` in place; the handle's ``wait`` finishes it."""
