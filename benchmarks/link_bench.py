@@ -12,6 +12,11 @@ torch-ddp-powersgd, torch-fsdp2 (fully_shard per block and at the root, resharde
 ZeRO-3), torch-hsdp (the same on a 2-D mesh: replicated across hosts, sharded within one). plait's
 rows also give the median seconds per step its comm layer spent in collectives (median_comm_s).
 
+--precision bf16 trains every candidate in bf16 mixed precision, each the way its library does it:
+plait's mixed_precision="bf16" (bf16 parameters, gradients and messages, an fp32 master; plait-none is
+that step on a world of one), torch DDP under torch.autocast (fp32 parameters and gradients, so fp32
+on the wire), FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16).
+
 Needs root (network namespaces, tc). Each candidate is one torchrun job per host (c10d rendezvous on
 host a by name, gloo on the shaped veth link), run in turn; the GPT trains on random tokens,
 --batch (default 4) x block_size per rank, AdamW. torch's PowerSGD hook runs with one bucket
@@ -23,6 +28,7 @@ JSON line per candidate and round: median step after the first two, first and la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -37,7 +43,7 @@ import torch.nn.functional as F
 PORT = 29517
 
 
-def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: int) -> None:
+def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: int, precision: str) -> None:
     import torch.distributed as dist
 
     import plait
@@ -47,10 +53,27 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
     torch.set_flush_denormal(True)  # as `plait train` does on CPU, for every candidate (docs/benchmarks.md)
     torch.manual_seed(0)
     model = GPT(config)
+    mixed = "bf16" if precision == "bf16" else None
+    autocast = contextlib.nullcontext()
     if candidate.startswith("plait"):
-        ctx = plait.init()
-        rank = ctx.rank
         base, *scheme = candidate.split("-")[1:]  # plait-<none|ddp|zero1|zero2|zero3>[-<scheme>][-hier][-bMB]
+        rank = int(os.environ["RANK"])
+        if base == "none" and mixed:
+            # bf16's limit: plait's mixed-precision ddp step (bf16 compute, fp32 master) on a world
+            # of one, each rank alone: the step with no communication
+            for name in (
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "GROUP_RANK",
+                "GROUP_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+            ):
+                os.environ.pop(name, None)
+            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        ctx = plait.init()
         hierarchical = "hier" in scheme
         buckets = [s for s in scheme if s[:1] == "b" and s[1:].replace(".", "").isdigit()]  # -b100
         bucket_mb = float(buckets[0][1:]) if buckets else 25.0
@@ -60,12 +83,18 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
         )
         # "none": each rank trains alone, the step with no communication (the physical limit)
         if base == "none":
-            strategy = "none"
+            strategy = plait.DDP(mixed_precision=mixed) if mixed else "none"
         elif base == "ddp":
-            strategy = plait.DDP(compression=compression, hierarchical=hierarchical, bucket_mb=bucket_mb)
+            strategy = plait.DDP(
+                compression=compression, hierarchical=hierarchical, bucket_mb=bucket_mb, mixed_precision=mixed
+            )
         else:
             strategy = plait.Zero(
-                stage=int(base[-1]), compression=compression, hierarchical=hierarchical, bucket_mb=bucket_mb
+                stage=int(base[-1]),
+                compression=compression,
+                hierarchical=hierarchical,
+                bucket_mb=bucket_mb,
+                mixed_precision=mixed,
             )
         model, opt = plait.setup(model, strategy, lambda ps: plait.optim.AdamW(ps, lr=3e-4))
     else:
@@ -74,6 +103,9 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
 
         dist.init_process_group("gloo")
         rank = dist.get_rank()
+        if mixed and candidate != "torch-fsdp2" and candidate != "torch-hsdp":
+            # torch's mixed precision for DDP: fp32 parameters and gradients, bf16 compute
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
         if candidate == "torch-ddp":
             model = DistributedDataParallel(model)
         elif candidate in ("torch-fsdp2", "torch-hsdp"):
@@ -85,9 +117,17 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
             shape = (hosts, local) if candidate == "torch-hsdp" else (dist.get_world_size(),)
             names = ("replicate", "shard") if candidate == "torch-hsdp" else ("shard",)
             mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            policy = (
+                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+                if mixed
+                else None
+            )
+            options = {"mp_policy": policy} if policy is not None else {}
             for block in model.transformer.h:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+                fully_shard(block, mesh=mesh, **options)
+            fully_shard(model, mesh=mesh, **options)
         else:
             gradient_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
             model = DistributedDataParallel(model, bucket_cap_mb=gradient_mb + 16)  # one bucket
@@ -100,7 +140,9 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
         before = sum(t.seconds for t in ctx.stats.totals.values()) if candidate.startswith("plait") else 0.0
         tokens = torch.randint(0, config.vocab_size, (batch, config.block_size + 1), generator=generator)
         start = time.perf_counter()
-        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        with autocast:
+            logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -111,7 +153,11 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
     if rank == 0:
         result = {"candidate": candidate, "median_step_s": round(statistics.median(times[2:]), 4)}
         result.update(
-            first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), steps=steps, batch=batch
+            first_loss=round(losses[0], 4),
+            last_loss=round(losses[-1], 4),
+            steps=steps,
+            batch=batch,
+            precision=precision,
         )
         if comm:
             result.update(median_comm_s=round(statistics.median(comm[2:]), 4))
@@ -136,7 +182,8 @@ def drive(args: argparse.Namespace) -> None:
             argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", str(nproc),
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", hosts.endpoint(PORT + n),
                     "--rdzv-id", f"link-bench-{n}", __file__, "--worker", candidate, "--model", args.model,
-                    "--steps", str(args.steps), "--rank", str(args.rank), "--batch", str(args.batch)]  # fmt: skip
+                    "--steps", str(args.steps), "--rank", str(args.rank), "--batch", str(args.batch),
+                    "--precision", args.precision]  # fmt: skip
             jobs = [hosts.popen(i, argv, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     for i in range(2)]  # fmt: skip
             outputs = [job.communicate(timeout=300) for job in jobs]
@@ -183,9 +230,16 @@ def main() -> None:
         "--batch", type=int, default=4, help="sequences of block_size tokens per rank and step"
     )
     parser.add_argument("--candidates", default="plait-ddp,plait-ddp-powersgd,torch-ddp-powersgd")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: plait's mixed_precision='bf16' (bf16 parameters, gradients and wire, fp32 master), torch "
+        "DDP under torch.autocast (fp32 parameters and gradients), FSDP2 with a bf16 MixedPrecisionPolicy",
+    )
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.model, args.steps, args.rank, args.batch)
+        worker(args.worker, args.model, args.steps, args.rank, args.batch, args.precision)
     else:
         drive(args)
 

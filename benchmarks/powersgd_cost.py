@@ -1,8 +1,9 @@
 """PowerSGD's CPU cost alone: one step of plait's compressor on a model's whole gradient, collectives stubbed.
 
-    python benchmarks/powersgd_cost.py --model gpt-bench-7m --rank 4
+    python benchmarks/powersgd_cost.py --model gpt-bench-7m --rank 4 [--dtype bf16]
 
-One thread, the gradient as one message (one bucket) laid out as the model's parameters. Prints the
+One thread, the gradient as one message (one bucket) laid out as the model's parameters, in fp32 or
+(``--dtype bf16``) as bf16 mixed precision makes it. Prints the
 sizes of the plan (matrices, P, Q and plain numbers), the median of timed calls, and a cProfile of
 where the time goes (matmuls, the residual, error feedback's add, the QR).
 """
@@ -37,20 +38,22 @@ def main() -> None:
     parser.add_argument("--model", default="gpt-bench-7m")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="the gradient's dtype")
     args = parser.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.set_num_threads(1)
     layout, numel = [], 0
     for p in GPT(PRESETS[args.model]).parameters():
         layout.append((numel, tuple(p.shape)))
         numel += p.numel()
     compressor = PowerSGDCompressor(PowerSGD(rank=args.rank), _NoGroup())
-    compressor.register(0, numel, layout, torch.device("cpu"))
+    compressor.register(0, numel, layout, torch.device("cpu"), dtype)
     plan = compressor.plans[0]
     print(
         f"{numel:,} elements: {len(plan.matrices)} matrices compressed, P {plan.p_numel:,}, "
         f"Q {plan.q_numel:,}, plain {plan.plain_numel:,} numbers"
     )
-    gradient = torch.randn(numel)
+    gradient = torch.randn(numel).to(dtype)
     compressor.all_reduce(0, gradient.clone())  # warm up
     seconds = []
     for _ in range(args.calls):
