@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -57,23 +58,19 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
     autocast = contextlib.nullcontext()
     if candidate.startswith("plait"):
         base, *scheme = candidate.split("-")[1:]  # plait-<none|ddp|zero1|zero2|zero3>[-<scheme>][-hier][-bMB]
-        rank = int(os.environ["RANK"])
-        if base == "none" and mixed:
-            # bf16's limit: plait's mixed-precision ddp step (bf16 compute, fp32 master) on a world
-            # of one, each rank alone: the step with no communication
-            for name in (
-                "RANK",
-                "WORLD_SIZE",
-                "LOCAL_RANK",
-                "LOCAL_WORLD_SIZE",
-                "GROUP_RANK",
-                "GROUP_WORLD_SIZE",
-                "MASTER_ADDR",
-                "MASTER_PORT",
-            ):
-                os.environ.pop(name, None)
-            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
         ctx = plait.init()
+        rank = ctx.rank
+        sync = "sync" in scheme  # plait-none-sync: the ranks start every step together
+        scheme = [s for s in scheme if s != "sync"]
+        setup_ctx = ctx
+        if base == "none" and mixed:
+            # bf16's limit: plait's mixed-precision ddp step (bf16 compute, fp32 master) on a world of
+            # one, each rank alone (its own one-rank group): the step with no communication
+            solo = ctx.split([[r] for r in range(ctx.world_size)], "solo")
+            setup_ctx = dataclasses.replace(
+                ctx, rank=0, world_size=1, local_rank=0, world=solo, watchdog=None
+            )
+            os.environ.pop("GROUP_RANK", None)  # this rank is host 0 of its world of one
         hierarchical = "hier" in scheme
         buckets = [s for s in scheme if s[:1] == "b" and s[1:].replace(".", "").isdigit()]  # -b100
         bucket_mb = float(buckets[0][1:]) if buckets else 25.0
@@ -96,7 +93,7 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
                 bucket_mb=bucket_mb,
                 mixed_precision=mixed,
             )
-        model, opt = plait.setup(model, strategy, lambda ps: plait.optim.AdamW(ps, lr=3e-4))
+        model, opt = plait.setup(model, strategy, lambda ps: plait.optim.AdamW(ps, lr=3e-4), ctx=setup_ctx)
     else:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
         from torch.nn.parallel import DistributedDataParallel
@@ -140,6 +137,8 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
         before = sum(t.seconds for t in ctx.stats.totals.values()) if candidate.startswith("plait") else 0.0
         tokens = torch.randint(0, config.vocab_size, (batch, config.block_size + 1), generator=generator)
         start = time.perf_counter()
+        if candidate.startswith("plait") and sync:
+            ctx.world.all_reduce(torch.zeros(1))  # 4 bytes: the memory-bound phases now coincide
         with autocast:
             logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
