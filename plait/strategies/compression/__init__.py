@@ -28,6 +28,7 @@ import torch
 
 from plait.checkpoint.format import Piece
 from plait.comm import Group
+from plait.comm.hierarchy import StagedHandle
 from plait.errors import ConfigError
 from plait.precision import parse_dtype
 
@@ -213,6 +214,16 @@ class Compressor:
     def all_reduce(self, key: int, flat: torch.Tensor) -> None:
         """In place and blocking: ``flat`` becomes the (compressed) average over the group."""
         raise NotImplementedError
+
+    def start(self, key: int, flat: torch.Tensor) -> StagedHandle:
+        """:meth:`all_reduce` begun: ``flat`` is the average once the handle's ``wait`` returns.
+
+        Every collective is issued from the caller's thread, at ``start`` or at ``wait`` (never from a
+        completion callback), so ranks that start and wait in the same order issue them alike. This
+        default does it all at once; PowerSGD leaves its second half to ``wait``.
+        """
+        self.all_reduce(key, flat)
+        return StagedHandle(None, lambda: None)
 
     def wire_bytes(self) -> int:
         """Bytes one rank sends per step for all registered messages (the scheme's formula)."""

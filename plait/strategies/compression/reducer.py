@@ -74,8 +74,7 @@ class GradientReducer:
             compress = functools.partial(self.compressor.all_reduce, key) if self.compressor else None
             return self.levels.all_reduce(gradient, compress)
         if self.compressor is not None:
-            self.compressor.all_reduce(key, gradient)
-            return StagedHandle(None, lambda: None)
+            return self.compressor.start(key, gradient)
         return self.group.all_reduce(gradient, op="avg", async_op=True)
 
     def reduce_scatter(self, key: int, gradient: torch.Tensor, chunk: torch.Tensor) -> StagedHandle:
