@@ -5,7 +5,8 @@
     flock /tmp/plait-cpu.lock python benchmarks/link_bench.py --nproc-per-node 2 \
         --candidates torch-ddp,torch-hsdp,plait-ddp-hier,plait-zero3-hier
 
-Candidates: plait-none (no communication), plait-<ddp|zero1|zero2|zero3>[-<bf16|powersgd|sign>][-hier]
+Candidates: plait-none (no communication), plait-none-sync (the same, the ranks starting each step
+together: one 4-byte all-reduce), plait-<ddp|zero1|zero2|zero3>[-<bf16|powersgd|sign>][-hier]
 (e.g. plait-ddp-powersgd, plait-zero3-powersgd; -hier: two-level, HSDP for zero3; -bMB: buckets of MB
 MiB instead of 25, e.g. plait-ddp-powersgd-b100), torch-ddp,
 torch-ddp-powersgd, torch-fsdp2 (fully_shard per block and at the root, resharded after forward:
