@@ -193,7 +193,12 @@ class Watchdog:
             number = int(self.store.add(_REQUESTS, 1))
             self.store.set(f"request/{number}", request)
             deadline = time.monotonic() + max(3 * self.poll_s, 3.0)
-            while time.monotonic() < deadline and len(states) < self.world_size:
+            # stay until every answer is in and every request numbered so far is answered: a rank
+            # asking at the same moment may have taken its number but not yet written its request,
+            # and this rank (about to exit) would otherwise never answer it
+            while time.monotonic() < deadline and (
+                len(states) < self.world_size or self._seen_requests < int(self.store.add(_REQUESTS, 0))
+            ):
                 self._answer_requests()  # this one, and another rank's made at the same time
                 for rank in range(self.world_size):
                     key = f"{request}/rank{rank}"

@@ -15,9 +15,11 @@ on every rank), one step of subspace iteration, linear in M and so all-reducible
 
 Bytes per rank and step: 2(N-1)/N x s x (sum r(m + n) + plain elements), where r = min(rank, m, n)
 and s is the gradient's element size (4; 2 under bf16 mixed precision, whose factors and residual
-are bf16 too; the orthogonalization runs in fp32). A matrix is sent plainly (with the 1-D tensors: biases, norms) unless mn >= min_compression_rate x
-r(m + n); plain elements ride in the first all-reduce, so a bucket costs two all-reduces. At full
-rank (r = min(m, n)) P spans M's column space, P P^T M = M, and training equals uncompressed.
+are bf16 too; the orthogonalization runs in fp32). A matrix is sent plainly (with the 1-D tensors:
+biases, norms) unless mn >= min_compression_rate x r(m + n); plain elements ride in the first
+all-reduce, so a bucket costs two all-reduces. The first is in flight while backward goes on; the
+rest runs when the bucket is waited on (``start``). At full rank (r = min(m, n)) P spans M's column
+space, P P^T M = M, and training equals uncompressed.
 """
 
 from __future__ import annotations
