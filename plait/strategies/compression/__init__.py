@@ -16,7 +16,8 @@ shapes lie where), so every piece of state exists before a checkpoint is loaded 
 Error feedback (Seide et al. 2014; Karimireddy et al. 2019): what compression leaves out of this
 step's message is kept per rank (the *residual* e) and added to the next step's gradient, so no
 gradient information is lost, only delayed:  x = g + e;  send C(x);  e <- x - C(x).  The residual
-is as large as the message it compensates; ``residual_dtype="bf16"`` halves it.
+is as large as the message it compensates; ``residual_dtype="bf16"`` halves it. It is never wider
+than the gradient: under bf16 mixed precision it is bf16 already, and PowerSGD's factors are too.
 """
 
 from __future__ import annotations
