@@ -22,7 +22,7 @@ Needs root (network namespaces, tc). Each candidate is one torchrun job per host
 host a by name, gloo on the shaped veth link), run in turn; the GPT trains on random tokens,
 --batch (default 4) x block_size per rank, AdamW. torch's PowerSGD hook runs with one bucket
 (bucket_cap_mb above the gradient): with several it aborts on gloo (shared/FACTS.md). Prints one
-JSON line per candidate and round: median step after the first two, first and last loss; with
+JSON line per candidate and round: median step after the first --warmup (2), first and last loss; with
 --repeat R, a table of the median over the R rounds (one run swings 10-20% on this shared VM).
 """
 
@@ -45,7 +45,9 @@ import torch.nn.functional as F
 PORT = 29517
 
 
-def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: int, precision: str) -> None:
+def worker(
+    candidate: str, model_name: str, steps: int, rank_param: int, batch: int, precision: str, warmup: int
+) -> None:
     import torch.distributed as dist
 
     import plait
@@ -151,7 +153,7 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
         if candidate.startswith("plait"):  # seconds the comm layer spent in its ops (launch + wait)
             comm.append(sum(t.seconds for t in ctx.stats.totals.values()) - before)
     if rank == 0:
-        result = {"candidate": candidate, "median_step_s": round(statistics.median(times[2:]), 4)}
+        result = {"candidate": candidate, "median_step_s": round(statistics.median(times[warmup:]), 4)}
         result.update(
             first_loss=round(losses[0], 4),
             last_loss=round(losses[-1], 4),
@@ -160,7 +162,7 @@ def worker(candidate: str, model_name: str, steps: int, rank_param: int, batch: 
             precision=precision,
         )
         if comm:
-            result.update(median_comm_s=round(statistics.median(comm[2:]), 4))
+            result.update(median_comm_s=round(statistics.median(comm[warmup:]), 4))
         print("RESULT " + json.dumps(result), flush=True)
     if candidate.startswith("plait"):
         plait.shutdown(exit_code=0)
@@ -183,7 +185,7 @@ def drive(args: argparse.Namespace) -> None:
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", hosts.endpoint(PORT + n),
                     "--rdzv-id", f"link-bench-{n}", __file__, "--worker", candidate, "--model", args.model,
                     "--steps", str(args.steps), "--rank", str(args.rank), "--batch", str(args.batch),
-                    "--precision", args.precision]  # fmt: skip
+                    "--precision", args.precision, "--warmup", str(args.warmup)]  # fmt: skip
             jobs = [hosts.popen(i, argv, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     for i in range(2)]  # fmt: skip
             outputs = [job.communicate(timeout=300) for job in jobs]
@@ -237,9 +239,15 @@ def main() -> None:
         help="bf16: plait's mixed_precision='bf16' (bf16 parameters, gradients and wire, fp32 master), torch "
         "DDP under torch.autocast (fp32 parameters and gradients), FSDP2 with a bf16 MixedPrecisionPolicy",
     )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="first steps left out of the median (PowerSGD settles by its 4th)",
+    )
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.model, args.steps, args.rank, args.batch, args.precision)
+        worker(args.worker, args.model, args.steps, args.rank, args.batch, args.precision, args.warmup)
     else:
         drive(args)
 
