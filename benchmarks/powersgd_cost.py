@@ -3,9 +3,9 @@
     python benchmarks/powersgd_cost.py --model gpt-bench-7m --rank 4 [--dtype bf16]
 
 One thread, the gradient as one message (one bucket) laid out as the model's parameters, in fp32 or
-(``--dtype bf16``) as bf16 mixed precision makes it. Prints the
-sizes of the plan (matrices, P, Q and plain numbers), the median of timed calls, and a cProfile of
-where the time goes (matmuls, the residual, error feedback's add, the QR).
+(``--dtype bf16``) as bf16 mixed precision makes it. Prints the sizes of the plan (matrices, P, Q and
+plain numbers), the median of timed calls, and a cProfile of where the time goes (matmuls, the
+residual, error feedback's add, the QR).
 """
 
 from __future__ import annotations

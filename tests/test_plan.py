@@ -168,7 +168,7 @@ def test_buffers_are_what_the_runtime_allocates(bucket_mb):
         predicted = predict(candidate, work, profile, hosts=1).buffer_bytes
         measured, pool_buckets = max(run_ranks(_communication_buffers, 2, strategy))
         if candidate.strategy != "zero2" or predicted >= work.params * 4:
-            # one bucket holds the whole gradient (or no pool): no timing enters
+            # no pool, or the bound is the whole gradient (three buckets cover it): no timing enters
             assert measured == pytest.approx(predicted, rel=0.05, abs=1024), candidate.label
         else:
             assert predicted == pool_buckets * work.bucket_bytes
