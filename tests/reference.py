@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import plait
+from plait.comm.stats import delta
 from plait.models import GPT, GPTConfig
 
 # bias=False: the key bias of attention gets a gradient that is exactly zero in theory (softmax ignores
@@ -96,7 +97,8 @@ def distributed_run(
 
     ``accumulate`` > 1 splits the slice into micro-batches, all but the last under ``model.no_sync()``.
     ``seed_by_rank`` initialises each rank's model differently, to show setup makes the replicas equal.
-    Returns the global mean loss per step, the final full state dict, the bytes sent per step, the
+    Returns the global mean loss per step, the final full state dict, the bytes sent per step (and
+    by op in the last step), the
     logits of an evaluation forward under ``torch.no_grad()``, and the memory report.
     """
     ctx = plait.init()
@@ -107,7 +109,7 @@ def distributed_run(
     losses, bytes_per_step = [], []
     for x, y in global_batches(steps, config=config):
         x, y = x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
-        sent_before = ctx.stats.bytes_sent
+        sent_before, ops_before = ctx.stats.bytes_sent, ctx.stats.snapshot()
         local_loss = 0.0
         for i, (xm, ym) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
             last = i == accumulate - 1
@@ -118,6 +120,7 @@ def distributed_run(
         opt.step()
         opt.zero_grad()
         bytes_per_step.append(ctx.stats.bytes_sent - sent_before)
+        op_bytes = {op: t.bytes_sent for op, t in delta(ctx.stats.snapshot(), ops_before).items() if t.bytes_sent}
         # the loss is reported outside plait's accounting, as a user's logging would be
         reported = torch.tensor([local_loss])
         dist.all_reduce(reported, group=getattr(model.plait_runtime.dp_group, "pg", None))
@@ -128,6 +131,7 @@ def distributed_run(
         "losses": losses,
         "state": plait.full_state_dict(model),
         "bytes_per_step": bytes_per_step,
+        "op_bytes": op_bytes,
         "theory_bytes": model.plait_runtime.theory_bytes_per_step(),
         "eval": evaluation,
         "memory": plait.memory_report(model, opt),
@@ -165,22 +169,26 @@ def train_step_run(
     optimizer: str = "adamw",
     config: str = "default",
     full_logits: bool = False,
+    microbatches: int = 1,
 ) -> dict[str, Any]:
     """``distributed_run`` through ``model.train_step`` (the loop a pipeline needs; every strategy runs it).
 
     ``full_logits`` passes :func:`full_logits_loss` instead of the default loss (which tensor
     parallelism computes on vocabulary shards). Returns the losses train_step reported, the final full
-    state dict, the evaluation logits and the runtime's metrics.
+    state dict, the evaluation logits, the runtime's metrics, the bytes sent per step and the theory's.
     """
-    plait.init()
+    ctx = plait.init()
     model, opt = plait.setup(make_model(0, config), strategy, optimizer_factory(optimizer))
     rank, local = model.dp_rank, GLOBAL_BATCH // model.dp_size
-    losses = []
+    losses, bytes_per_step = [], []
+    loss_fn = full_logits_loss if full_logits else None
     for x, y in global_batches(steps, config=config):
         mine = slice(rank * local, (rank + 1) * local)
-        losses.append(model.train_step(x[mine], y[mine], full_logits_loss if full_logits else None))
+        sent_before = ctx.stats.bytes_sent
+        losses.append(model.train_step(x[mine], y[mine], loss_fn, microbatches=microbatches))
         opt.step()
         opt.zero_grad()
+        bytes_per_step.append(ctx.stats.bytes_sent - sent_before)
     with torch.no_grad():
         evaluation = model(next(global_batches(1, seed=99, config=config))[0])
     return {
@@ -188,4 +196,6 @@ def train_step_run(
         "state": plait.full_state_dict(model),
         "eval": evaluation,
         "metrics": model.plait_runtime.metrics(),
+        "bytes_per_step": bytes_per_step,
+        "theory_bytes": model.plait_runtime.theory_bytes_per_step() + model.plait_runtime.loss_bytes(),
     }

@@ -13,6 +13,7 @@ from tests.reference import (
     make_model,
     reference_eval,
     reference_run,
+    train_step_run,
 )
 
 STEPS = 5
@@ -66,9 +67,31 @@ def test_zero3_gradient_accumulation_with_no_sync(reference):
     results = run_ranks(distributed_run, 2, "zero3", STEPS, "adamw", 2)
     for result in results:
         assert_matches_reference(result, reference, **FP32)
-    # three all-gathers (each micro-batch's forward, then one backward: units stay gathered) and one
-    # reduce-scatter, where a step without accumulation moves two all-gathers and one reduce-scatter
-    assert results[0]["bytes_per_step"][1:] == [results[0]["theory_bytes"] * 4 // 3] * (STEPS - 1)
+    # a step without accumulation gathers every unit in forward and all but the root and the last one
+    # in backward (G = F + B bytes), and reduce-scatters once (R = F: every unit); accumulating over
+    # two micro-batches, the first micro-batch's backward gathers again and units stay gathered after
+    # it (the second forward gathers nothing): F + 2B + R, that is the theory plus B = G - R
+    theory, ops = results[0]["theory_bytes"], results[0]["op_bytes"]
+    reduce_scattered = ops["reduce_scatter"]
+    backward_gathers = theory - 2 * reduce_scattered
+    assert 0 < backward_gathers < reduce_scattered
+    assert ops["all_gather"] == reduce_scattered + 2 * backward_gathers
+    assert results[0]["bytes_per_step"][1:] == [theory + backward_gathers] * (STEPS - 1)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero3_train_step_keeps_units_gathered_between_microbatches(world, reference):
+    """Within one train_step the parameters do not change: the root and the first unit stay gathered
+    from one micro-batch's backward to the next one's forward. Same losses; the bytes the theory
+    counts for two micro-batches, fewer than two separate steps would send."""
+    one = run_ranks(train_step_run, world, "zero3", STEPS, "adamw")
+    two = run_ranks(train_step_run, world, "zero3", STEPS, "adamw", "default", False, 2)
+    for result in two:
+        assert_matches_reference(result, reference, **FP32)
+    assert one[0]["bytes_per_step"][1:] == [one[0]["theory_bytes"]] * (STEPS - 1)
+    assert two[0]["bytes_per_step"][1:] == [two[0]["theory_bytes"]] * (STEPS - 1)
+    loss_bytes = one[0]["theory_bytes"] - run_ranks(distributed_run, world, "zero3", 2)[0]["theory_bytes"]
+    assert two[0]["theory_bytes"] - loss_bytes < 2 * (one[0]["theory_bytes"] - loss_bytes)
 
 
 def test_zero3_evaluation_forward_under_no_grad():
@@ -79,11 +102,15 @@ def test_zero3_evaluation_forward_under_no_grad():
 
 
 def test_bytes_per_step_against_ddp():
-    """zero1/2 send what ddp sends; zero3 1.5x (within 5%: padding)."""
+    """zero1/2 send what ddp sends (within 5%: padding); zero3 under 1.5x: its backward gathers all
+    units but the root and the last one, which stay gathered from forward."""
     ddp = run_ranks(distributed_run, 4, "ddp", 3)[0]["bytes_per_step"][-1]
-    for stage, factor in (("zero1", 1.0), ("zero2", 1.0), ("zero3", 1.5)):
+    for stage in ("zero1", "zero2"):
         sent = run_ranks(distributed_run, 4, stage, 3)[0]["bytes_per_step"][-1]
-        assert sent == pytest.approx(factor * ddp, rel=0.05), stage
+        assert sent == pytest.approx(ddp, rel=0.05), stage
+    zero3 = run_ranks(distributed_run, 4, "zero3", 3)[0]
+    assert zero3["bytes_per_step"][-1] == zero3["theory_bytes"]
+    assert ddp < zero3["bytes_per_step"][-1] < 1.5 * ddp
 
 
 def test_memory_report_fractions_at_four_ranks():

@@ -48,6 +48,11 @@ class Runtime:
     """The group of ranks that share each global batch (None: all ranks)."""
     dp_rank: int | None = None
     dp_size: int | None = None
+    microbatches: int = 1
+    """Micro-batches of the last ``train_step`` (the step's theory bytes count them where it matters)."""
+    more_microbatches: bool = False
+    """True inside ``train_step`` while another micro-batch of the same step follows: the parameters
+    do not change before its forward (ZeRO-3 keeps the units it gathers first)."""
 
     def __init__(
         self, strategy: Strategy, module: nn.Module, optimizer: torch.optim.Optimizer | None
@@ -89,12 +94,16 @@ class Runtime:
         """
         chunks = split_microbatches(inputs, targets, microbatches)
         total = torch.zeros((), dtype=torch.float32, device=inputs.device)
-        for i, (x, y) in enumerate(chunks):
-            defer = i < len(chunks) - 1 and self.supports_no_sync
-            with self.no_sync() if defer else contextlib.nullcontext():
-                loss = self.forward_loss(x, y, loss_fn) / len(chunks)
-                loss.backward()
-            total += loss.detach().float()
+        self.microbatches = len(chunks)
+        try:
+            for i, (x, y) in enumerate(chunks):
+                self.more_microbatches = i < len(chunks) - 1
+                with self.no_sync() if self.more_microbatches and self.supports_no_sync else contextlib.nullcontext():
+                    loss = self.forward_loss(x, y, loss_fn) / len(chunks)
+                    loss.backward()
+                total += loss.detach().float()
+        finally:
+            self.more_microbatches = False
         return self.mean_loss(total)
 
     def forward_loss(
