@@ -120,7 +120,9 @@ def distributed_run(
         opt.step()
         opt.zero_grad()
         bytes_per_step.append(ctx.stats.bytes_sent - sent_before)
-        op_bytes = {op: t.bytes_sent for op, t in delta(ctx.stats.snapshot(), ops_before).items() if t.bytes_sent}
+        op_bytes = {
+            op: t.bytes_sent for op, t in delta(ctx.stats.snapshot(), ops_before).items() if t.bytes_sent
+        }
         # the loss is reported outside plait's accounting, as a user's logging would be
         reported = torch.tensor([local_loss])
         dist.all_reduce(reported, group=getattr(model.plait_runtime.dp_group, "pg", None))

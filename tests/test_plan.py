@@ -73,7 +73,8 @@ def test_data_parallel_traffic_follows_the_ring_formulas():
     )  # ZeRO-1 moves DDP's bytes
     zero3 = predict(Candidate("zero3", dp=2, zero=3), work, profile, hosts=1)
     micro_batches = 32 // (2 * 8)
-    assert zero3.bytes_per_level["host"] == pytest.approx(1.5 * ddp.bytes_per_level["host"] * micro_batches)
+    assert ddp.bytes_per_level["host"] * micro_batches < zero3.bytes_per_level["host"]
+    assert zero3.bytes_per_level["host"] < 1.5 * ddp.bytes_per_level["host"] * micro_batches
     bf16 = predict(Candidate("ddp", dp=2, compression="bf16"), work, profile, hosts=1)
     assert bf16.bytes_per_level["host"] == pytest.approx(ddp.bytes_per_level["host"] / 2)
 
@@ -123,6 +124,29 @@ def _one_step(strategy: object) -> tuple[torch.nn.Module, torch.optim.Optimizer]
 
 def _model_states(strategy: str) -> int:
     return plait.memory_report(*_one_step(strategy)).model_states
+
+
+def _zero3_theory(microbatches: int) -> int:
+    """Bytes plait's zero3 runtime counts for a train_step of gpt-tiny over ``microbatches``."""
+    torch.manual_seed(0)
+    model, optimizer = plait.setup(
+        GPT(preset("gpt-tiny")), "zero3", lambda ps: plait.optim.AdamW(ps, lr=1e-3)
+    )
+    x = torch.randint(0, 256, (2 * microbatches, 33))
+    model.train_step(x[:, :-1], x[:, 1:], microbatches=microbatches)
+    optimizer.step()
+    return model.plait_runtime.theory_bytes_per_step()
+
+
+@pytest.mark.parametrize("microbatches", [1, 3])
+def test_zero3_bytes_are_what_the_runtime_sends(microbatches):
+    """The cost model's zero3 bytes against the runtime's theory (which tests/test_zero.py checks
+    against the bytes sent): units kept gathered between forward and backward and between micro-batches."""
+    work = workload_for("gpt-tiny", 2 * 2 * microbatches, 2)
+    predicted = predict(Candidate("zero3", dp=2, zero=3), work, _profile(hosts=1), hosts=1)
+    assert run_ranks(_zero3_theory, 2, microbatches)[0] == pytest.approx(
+        predicted.bytes_per_level["host"], rel=1e-3
+    )
 
 
 def test_model_states_match_what_plait_holds():

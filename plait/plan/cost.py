@@ -12,8 +12,10 @@ rate = the profile's training FLOPs per second per rank; F = 6P + 12LTC training
     ddp          one all-reduce of the gradient, P g bytes in ceil(P g / bucket) calls: 2(N-1)/N P g
     zero1/2      reduce-scatter of the gradient, then all-gather of the updated parameters:
                  (N-1)/N P g each (Rajbhandari et al. SC'20, section 7)
-    zero3        per micro-batch an all-gather in forward, one in backward, a reduce-scatter:
-                 3 (N-1)/N P g per micro-batch (no no_sync under zero3)
+    zero3        per micro-batch a reduce-scatter and an all-gather of every unit in forward and
+                 backward, but for the units kept gathered (the root and the last block from
+                 forward to backward, the root and the first block between micro-batches): just
+                 under 3 (N-1)/N P g per micro-batch (no no_sync under zero3; ``_zero3_traffic``)
     hierarchical reduce-scatter within a host, all-reduce of the 1/R shard across hosts, all-gather
                  within the host: across hosts 2(H-1)/H P g / R bytes per rank
     bf16 / powersgd / sign   g = 2; r(m + n) numbers (in the gradient's dtype) per m x n matrix
@@ -29,9 +31,9 @@ rate = the profile's training FLOPs per second per rank; F = 6P + 12LTC training
 Overlap, as plait overlaps: ddp and zero1/2 launch each bucket's collective in the last micro-batch's
 backward, so the hidden time is ``overlap x min(the traffic but for the last bucket, the backward)``
 (the profile's overlap is the share of the shorter of the two that runs hidden); zero1/2's
-parameter all-gather after the step is never hidden; zero3 prefetches the next unit, so
-``overlap x min(its traffic but for the first unit, forward and backward)`` is hidden. tp and pp
-traffic is on the critical path.
+parameter all-gather after the step is never hidden; zero3 prefetches the next unit, so of its
+traffic but the first units' gathers and the last reduce-scatters ``overlap x min(traffic, compute)``
+is hidden, in forward and in backward apart. tp and pp traffic is on the critical path.
 
 Memory per rank: the profile's base bytes + model states (ZeRO paper's accounting with plait's
 dtypes: fp32 4 + 4 + 8 bytes per parameter for weights, gradients and AdamW's two moments, sharded
@@ -199,6 +201,7 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
         for stage in stages
     ]
     rank_params = max(stage_params) / tp
+    units = _zero3_units(workload, stages, rank_params, tp)
     # a tp shard does 1/tp of the matmuls, attention and MLP activation, all of the rest (fixed_share)
     fixed = profile.timing.fixed_share if profile.timing is not None else 0.0
     t_mb = b * t * max(stage_flops) / profile.flops_per_s * (fixed + (1 - fixed) / tp)
@@ -246,16 +249,9 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
         _add(bytes_per_level, rs_levels)
         _add(bytes_per_level, ag_levels)
     elif dp > 1 and candidate.zero == 3:
-        units = workload.n_layer + 1
-        weight_bytes = rank_params * (2 if workload.mixed_precision else FP32)
-        ag, ag_levels = dp_comm.flat("all_gather", weight_bytes, units)
-        rs, rs_levels = dp_comm.flat("reduce_scatter", wire, units)
-        per_mb = 2 * ag + rs
-        comm = k * per_mb
-        first_unit = per_mb / units
-        exposed = comm - overlap * min(k * (per_mb - first_unit), k * t_mb)
-        _add(bytes_per_level, ag_levels, 2 * k)
-        _add(bytes_per_level, rs_levels, k)
+        comm, exposed = _zero3_traffic(
+            workload, rank_params, units, wire, dp_comm, k, t_mb, overlap, bytes_per_level
+        )
 
     # -- tensor-parallel traffic (critical path) --------------------------------------------------
     tp_comm = Collectives(profile, tp, inner_hosts if pp == 1 else 1)
@@ -301,7 +297,7 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
     # -- memory per rank --------------------------------------------------------------------------
     states = _model_states(candidate, rank_params, dp, workload)
     activation_bytes = _activations(workload, profile, candidate, stages, k)
-    buffers = _buffers(candidate, workload, rank_params, grad_bytes, dp, k, dp_comm.per_host)
+    buffers = _buffers(candidate, workload, rank_params, grad_bytes, dp, k, dp_comm.per_host, units)
     mem = profile.base_bytes + states + activation_bytes + buffers
     return Prediction(
         candidate=candidate,
@@ -321,6 +317,55 @@ def predict(candidate: Candidate, workload: Workload, profile: Profile, hosts: i
     )
 
 
+def _zero3_units(
+    workload: Workload, stages: list[list[int]], rank_params: float, tp: int
+) -> tuple[int, float, float]:
+    """ZeRO-3's units on the busiest rank: how many blocks, a block's parameters, the root's (the
+    rest: embeddings, final norm, the tied head)."""
+    blocks = max(sum(1 for i in stage if 0 < i <= workload.n_layer) for stage in stages)
+    block = max(workload.layer_params[1:-1] or [0]) / tp
+    return blocks, block, max(0.0, rank_params - blocks * block)
+
+
+def _zero3_traffic(
+    workload: Workload,
+    rank_params: float,
+    units: tuple[int, float, float],
+    wire: float,
+    dp_comm: Collectives,
+    k: int,
+    t_mb: float,
+    overlap: float,
+    bytes_per_level: dict[str, float],
+) -> tuple[float, float]:
+    """ZeRO-3's seconds of traffic per step and the part nothing hides, as plait schedules it.
+
+    ``units``: as ``_zero3_units`` counts them. Per micro-batch every unit is reduce-scattered once.
+    The first forward gathers every unit; later micro-batches find the root and the first block
+    still gathered.
+    Backward gathers all but the root and the last block (kept from forward). Exposed: the root's
+    and the first block's gathers (nothing to hide them behind), each micro-batch's last two
+    reduce-scatters (the first block's and the root's: only the embedding's backward is left), and
+    of the rest what ``overlap`` does not hide behind forward (1/3 of t_mb) and backward (2/3).
+    """
+    wbytes = 2 if workload.mixed_precision else FP32
+    blocks, block, root = units
+    calls = blocks + (1 if root else 0)
+    gather_all, gather_levels = dp_comm.flat("all_gather", rank_params * wbytes, calls)
+    scatter_all, scatter_levels = dp_comm.flat("reduce_scatter", wire, calls)
+    share_root, share_block = root / rank_params, block / rank_params
+    first = (share_root + share_block) * gather_all  # also what later forwards and each backward skip
+    gathers = k * gather_all - (k - 1) * first + k * (gather_all - first)
+    forward = gather_all - first  # the blocks after the first, behind the forward before them
+    backward = gather_all - first + (1 - share_root - share_block) * scatter_all
+    hidden = overlap * (min(forward, t_mb / 3) + min(backward, 2 * t_mb / 3))
+    comm = gathers + k * scatter_all
+    exposed = first + k * ((share_root + share_block) * scatter_all + forward + backward - hidden)
+    _add(bytes_per_level, gather_levels, gathers / gather_all if gather_all else 0.0)
+    _add(bytes_per_level, scatter_levels, k)
+    return comm, exposed
+
+
 def _zero_stage(candidate: Candidate) -> int:
     """The ZeRO stage a candidate runs: its name's (zero1/2/3) or its data-parallel axis's."""
     if candidate.strategy in ("zero1", "zero2", "zero3"):
@@ -329,7 +374,14 @@ def _zero_stage(candidate: Candidate) -> int:
 
 
 def _buffers(
-    candidate: Candidate, workload: Workload, params: float, grad_bytes: float, dp: int, k: int, per_host: int
+    candidate: Candidate,
+    workload: Workload,
+    params: float,
+    grad_bytes: float,
+    dp: int,
+    k: int,
+    per_host: int,
+    units: tuple[int, float, float],
 ) -> float:
     """Communication memory beside the model states at the step's peak, as each runtime allocates it.
 
@@ -337,8 +389,8 @@ def _buffers(
     zero2 collects and reduces buckets in pooled buffers (two reducing, one filling; together at
     most the gradient) and, accumulating over k > 1 micro-batches under no_sync, holds the full
     gradient in autograd's ``.grad`` until the last.
-    zero3 holds the current and the prefetched unit. Hierarchical: the host chunk of the bucket in
-    flight (B/R). bf16 on the wire: one bf16 copy of the bucket being sent. PowerSGD: the
+    zero3 holds the root, the current and the prefetched unit. Hierarchical: the host chunk of the
+    bucket in flight (B/R). bf16 on the wire: one bf16 copy of the bucket being sent. PowerSGD: the
     error-feedback residual, as large as the local gradient, in its dtype (P and Q are r(m + n) numbers).
     Sign: the residual, and a padded fp32 copy and the decoded sum of the bucket being sent.
     """
@@ -347,8 +399,9 @@ def _buffers(
     stage = _zero_stage(candidate)
     bucket = min(workload.bucket_bytes, params * FP32)
     buffers = 0.0
-    if stage == 3:
-        buffers += 2 * max(workload.layer_params[1:-1] or [0]) * FP32  # the current and the prefetched unit
+    if stage == 3:  # the root (gathered through forward and backward), the current and the prefetched unit
+        _, block, root = units
+        buffers += (2 * block + root) * (2 if workload.mixed_precision else FP32)
     elif stage == 2:
         # two buckets reducing and one filling (BucketPool's limit + 1), together at most the gradient
         buffers += min(3 * workload.bucket_bytes, grad_bytes)

@@ -98,7 +98,8 @@ class Runtime:
         try:
             for i, (x, y) in enumerate(chunks):
                 self.more_microbatches = i < len(chunks) - 1
-                with self.no_sync() if self.more_microbatches and self.supports_no_sync else contextlib.nullcontext():
+                defer = self.more_microbatches and self.supports_no_sync
+                with self.no_sync() if defer else contextlib.nullcontext():
                     loss = self.forward_loss(x, y, loss_fn) / len(chunks)
                     loss.backward()
                 total += loss.detach().float()
