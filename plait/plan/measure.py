@@ -234,6 +234,48 @@ def measure_interleave(group) -> float:
     return max(0.0, (_best(both, group, pick=median) - alone) / n)
 
 
+def measure_blocking(model_name: str, micro_batch: int, group, link: Link) -> float | None:
+    """Extra seconds per blocking all-reduce of tensor parallelism, in the model's own blocks.
+
+    Two of the model's blocks, split over ``group`` as plait's tp splits them, run forward and
+    backward on one micro-batch (four all-reduces of one activation, b T C x 4 bytes, per block).
+    The time this rank was blocked per call, less what the alpha-beta fit gives for the message, is
+    what a blocking collective between pieces of compute costs beyond the wire: the ranks arrive
+    apart and one waits (on shared cores after a descheduled thread). Median of seven steps after
+    a warm-up. None where the model's heads do not split over the group. A probe of matmul chunks and
+    all-reduces (``measure_interleave``) read 0 here where gpt-tiny's tp blocks waited 1 ms a call.
+    """
+    import torch
+
+    from plait.comm import current
+    from plait.comm.stats import bus_bytes, delta
+    from plait.models import GPT, preset
+    from plait.strategies.tensor_parallel import apply_plan, resolve_plan
+
+    config = preset(model_name, n_layer=2)
+    if config.n_head % group.size or config.n_embd % group.size:
+        return None
+    torch.manual_seed(0)
+    model = GPT(config)
+    apply_plan(model, resolve_plan(model, None), group)
+    x = torch.randn(micro_batch, config.block_size, config.n_embd)
+    nbytes = x.numel() * x.element_size()
+    alone = link.alpha_s + bus_bytes("all_reduce", nbytes, group.size) / link.bandwidth
+    stats, extra = current().stats, []
+    group.barrier()
+    for _ in range(8):
+        before = stats.snapshot()
+        h = x.clone().requires_grad_()
+        out = h
+        for block in model.transformer.h:
+            out = block(out)
+        out.square().mean().backward()
+        ops = delta(stats.snapshot(), before).get("all_reduce")
+        if ops is not None and ops.calls:
+            extra.append(ops.seconds / ops.calls - alone)
+    return max(0.0, statistics.median(extra[1:])) if len(extra) > 1 else None
+
+
 def measure_optimizer(params: int = 2**22) -> float:
     """Seconds per parameter of one plait AdamW step on one flat fp32 tensor."""
     import torch
@@ -279,6 +321,12 @@ def measure_overlap(group) -> float:
     return max(0.0, min(1.0, hidden))
 
 
+def _interleave(model_name: str, micro_batch: int, group, links: dict[str, Link]) -> float:
+    """The profile's ``interleave_s`` on ``group``: from the model's tp blocks, else the probe."""
+    blocking = measure_blocking(model_name, micro_batch, group, links["all_reduce"])
+    return blocking if blocking is not None else measure_interleave(group)
+
+
 def measure(model_name: str, micro_batch: int, out: str) -> None:
     """Run on every rank (under torchrun): measure links, compute and memory; rank 0 writes ``out``."""
     import torch
@@ -297,14 +345,15 @@ def measure(model_name: str, micro_batch: int, out: str) -> None:
         group = ctx.split(host_groups, "host") if hosts > 1 else ctx.world
         links["host"] = measure_links(group)
         overlap = measure_overlap(group)
-        interleave = measure_interleave(group)
+        interleave = _interleave(model_name, micro_batch, group, links["host"])
     network_overlap = None
     if hosts > 1:
         group = ctx.split(across, "network")
         links["network"] = measure_links(group)
         network_overlap = measure_overlap(group)  # every local rank's cross-host stream at once
         overlap = network_overlap if local == 1 else overlap
-        interleave = measure_interleave(group) if local == 1 else interleave
+        if local == 1:
+            interleave = _interleave(model_name, micro_batch, group, links["network"])
     if ctx.world_size == 1:
         overlap = interleave = 0.0
     timing, _ = measure_model(model_name, micro_batch)
