@@ -104,7 +104,13 @@ class OnHosts:
             self.hosts.popen(i, argv, self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for i in range(len(self.hosts))
         ]
-        errors = [job.communicate(timeout=400)[1] for job in jobs]
+        try:
+            errors = [job.communicate(timeout=400)[1] for job in jobs]
+        except subprocess.TimeoutExpired as timeout:  # a hung job: end it and say what its ranks printed
+            for host in self.hosts:
+                host.kill()
+            errors = [job.communicate()[1][-3000:] for job in jobs]
+            raise SystemExit(f"a job on the hosts ran over 400 s: {argv}\n" + "\n".join(errors)) from timeout
         return next((job.returncode for job in jobs if job.returncode), 0), "\n".join(errors)
 
     def profile(self, model: str, micro_batch: int, path: str) -> Profile:
