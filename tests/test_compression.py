@@ -203,3 +203,29 @@ def test_two_level_with_compression_across_hosts():
         assert_close(result["x"], result["reference"], rtol=2e-2, atol=2e-2)
         # the cross-host stage is a bf16 all-reduce of the 500-element chunk over 2 hosts
         assert result["sent"]["inter-host"] == 500 * 2
+
+
+def _powersgd_step_ops() -> dict:
+    """One ddp + PowerSGD step of a small GPT in several buckets: its all-reduces, in issue order."""
+    from plait.models import GPT, preset
+
+    ctx = plait.init()
+    torch.manual_seed(0)
+    strategy = plait.DDP(bucket_mb=0.25, compression=plait.PowerSGD(rank=2))
+    model, _ = plait.setup(GPT(preset("gpt-tiny")), strategy, lambda ps: plait.optim.SGD(ps, lr=0.1))
+    x = torch.randint(0, 256, (2, 33))
+    first = len(ctx.stats.records())
+    torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    ops = [r for r in ctx.stats.records()[first:] if r.op == "all_reduce"]
+    return {"buckets": len(model.plait_runtime.buckets), "ops": [(r.started, r.finished) for r in ops]}
+
+
+def test_powersgd_launches_every_bucket_q_before_waiting_on_one():
+    """At the end of backward each bucket's P is waited on and its Q all-reduce launched, bucket
+    after bucket, before the first Q is waited on: a Q's round trip overlaps the next bucket's QR."""
+    result = run_ranks(_powersgd_step_ops, 2)[0]
+    n = result["buckets"]
+    assert n >= 3
+    assert len(result["ops"]) == 2 * n  # P (with the plain part) and Q per bucket
+    q_ops = result["ops"][n:]
+    assert max(started for started, _ in q_ops) < min(finished for _, finished in q_ops)

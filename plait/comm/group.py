@@ -59,6 +59,9 @@ class Handle:
         self._then.append(fn)
         return self
 
+    def advance(self) -> None:
+        """Nothing to start before ``wait``: one collective (``StagedHandle.advance`` has stages)."""
+
     def poll(self) -> bool:
         """True once the op has completed, which then counts as finished (the callbacks run, as in
         ``wait``, and the op log shows it done); never blocks. A failed op raises here."""

@@ -29,16 +29,27 @@ from plait.comm.group import Group, Handle
 
 
 class StagedHandle:
-    """A two-level all-reduce in flight: the cross-host stage runs, the local all-gather waits for ``wait``.
+    """A collective in stages: ``first`` in flight; then ``finish`` (it may launch a second collective
+    and return its handle); then, once that completed, ``last``.
 
     ``poll`` stays False until ``wait`` has run the last stage: the remaining collective must be
-    issued at the same point of the program on every rank (when its caller waits), never because
-    a poll happened to see the first stage complete on one rank.
+    issued at the same point of the program on every rank (when its caller advances or waits), never
+    because a poll happened to see the first stage complete on one rank. A caller holding several
+    handles may ``advance`` them all in order before waiting on any: each second collective is then
+    in flight while the next handle's ``finish`` computes.
     """
 
-    def __init__(self, first: Handle | None, finish: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        first: Handle | None,
+        finish: Callable[[], Handle | None],
+        last: Callable[[], None] | None = None,
+    ) -> None:
         self._first = first
         self._finish = finish
+        self._last = last
+        self._second: Handle | None = None
+        self._advanced = False
         self._then: list[Callable[[], None]] = []
         self.done = False
 
@@ -49,12 +60,23 @@ class StagedHandle:
     def poll(self) -> bool:
         return self.done
 
+    def advance(self) -> None:
+        """Wait for the first collective and run ``finish`` (once), leaving its collective in flight."""
+        if self._advanced:
+            return
+        self._advanced = True
+        if self._first is not None:
+            self._first.wait()
+        self._second = self._finish()
+
     def wait(self) -> None:
         if self.done:
             return
-        if self._first is not None:
-            self._first.wait()
-        self._finish()
+        self.advance()
+        if self._second is not None:
+            self._second.wait()
+        if self._last is not None:
+            self._last()
         self.done = True
         for fn in self._then:
             fn()
@@ -118,13 +140,12 @@ class TwoLevel:
         chunk = torch.empty(hi - lo, dtype=tensor.dtype, device=tensor.device)
         first = self.reduce_scatter(work, chunk, compress)
 
-        def finish() -> None:
-            self.intra.all_gather(work, chunk)
+        def copy_back() -> None:
             if work is not tensor:
                 tensor.copy_(work[:numel])
                 pool.give_back(work)
 
-        return StagedHandle(first, finish)
+        return StagedHandle(first, lambda: self.intra.all_gather(work, chunk, async_op=True), copy_back)
 
     def theory_bytes(self, numel: int, itemsize: int, gather: bool = True) -> dict[str, int]:
         """Bytes one rank sends per link level for a two-level all-reduce of ``numel`` elements

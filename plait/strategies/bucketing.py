@@ -125,6 +125,8 @@ class GradientBuckets:
                 return
             if len(self._seen) != len(self.bucket_of):
                 self._unused([key for key in self.bucket_of if key not in self._seen])
+            for handle in self._handles:  # every staged bucket's second collective in flight first
+                handle.advance()
             for handle in self._handles:
                 handle.wait()
             if self._observed is not None:

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from plait.comm import Group
+from plait.comm import Group, Handle
 from plait.comm.hierarchy import StagedHandle
 from plait.strategies.compression import Compressor, Layout, PowerSGD
 
@@ -79,9 +79,11 @@ class PowerSGDCompressor(Compressor):
         self.start(key, flat).wait()
 
     def start(self, key: int, flat: torch.Tensor) -> StagedHandle:
-        """P <- (M + e) Q for every matrix, and P's all-reduce launched; the handle's ``wait`` runs the
-        rest (QR, Q, the residual, Q's all-reduce, M <- P Q^T), so P's all-reduce (and the other
-        rank's lag) hides behind whatever the caller computes meanwhile: backward's next buckets."""
+        """P <- (M + e) Q for every matrix, and P's all-reduce launched; the handle's ``advance`` runs
+        the QR, Q and the residual and launches Q's all-reduce, its ``wait`` then M <- P Q^T. So P's
+        all-reduce (and the other rank's lag) hides behind whatever the caller computes meanwhile,
+        backward's next buckets, and Q's behind the next bucket's QR and Q when the caller advances
+        every bucket before waiting on any (``GradientBuckets`` does)."""
         # Each phase visits a matrix once, while it is in cache. On one core MKL computes M^T P
         # faster as (P^T M)^T, and the residual is written in place rather than copied: gpt-bench-7m
         # at rank 4, collectives stubbed, cold caches, 52.6 -> 42.0 ms (gpt-bench-168m 1.15 -> 0.84 s).
@@ -104,7 +106,7 @@ class PowerSGDCompressor(Compressor):
         _gather_plain(plain, flat, plan.plain)
         handle = self.group.all_reduce(message, op="avg", async_op=True)
 
-        def finish() -> None:
+        def finish() -> Handle | None:
             _orthogonalize(ps, plan)
             for (o, _, _, _), matrix, p, factor in zip(plan.matrices, matrices, ps, qs):
                 factor.copy_(torch.matmul(p.t(), matrix).t())
@@ -114,13 +116,14 @@ class PowerSGDCompressor(Compressor):
                         torch.addmm(matrix, p, factor.t(), alpha=-1, out=e)
                     else:
                         e.copy_(torch.addmm(matrix, p, factor.t(), alpha=-1))
-            if q.numel():
-                self.group.all_reduce(q, op="avg")
+            return self.group.all_reduce(q, op="avg", async_op=True) if q.numel() else None
+
+        def decompress() -> None:
             for matrix, p, factor in zip(matrices, ps, qs):
                 torch.matmul(p, factor.t(), out=matrix)
             _scatter_plain(flat, plain, plan.plain)
 
-        return StagedHandle(handle, finish)
+        return StagedHandle(handle, finish, decompress)
 
     def wire_bytes(self) -> int:
         n = self.group.size
