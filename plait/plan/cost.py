@@ -342,8 +342,8 @@ def _zero3_traffic(
 
     ``units``: as ``_zero3_units`` counts them. Per micro-batch every unit is reduce-scattered once.
     The first forward gathers every unit; later micro-batches find the root and the first block
-    still gathered.
-    Backward gathers all but the root and the last block (kept from forward). Exposed: the root's
+    still gathered. Backward gathers all but the root and the last block (kept from forward), a
+    block's worth as large as what forward skips (blocks are alike). Exposed: the root's
     and the first block's gathers (nothing to hide them behind), each micro-batch's last two
     reduce-scatters (the first block's and the root's: only the embedding's backward is left), and
     of the rest what ``overlap`` does not hide behind forward (1/3 of t_mb) and backward (2/3).

@@ -265,8 +265,7 @@ def measure_blocking(model_name: str, micro_batch: int, group, link: Link) -> fl
     group.barrier()
     for _ in range(8):
         before = stats.snapshot()
-        h = x.clone().requires_grad_()
-        out = h
+        out = x.clone().requires_grad_()  # as an embedding's output: f's backward all-reduces it too
         for block in model.transformer.h:
             out = block(out)
         out.square().mean().backward()

@@ -273,7 +273,7 @@ class Stage3Runtime(ShardedRuntime):
         """The root (its head runs last in forward, first in backward) and the last unit in forward
         order are gathered again right away by backward: they stay gathered instead (FSDP2 and
         torchtitan keep them so: ``reshard_after_forward=False``). Two gathers fewer per micro-batch,
-        both on the critical path; the bytes and time of a gather whose compute cannot hide it."""
+        both on the critical path: backward would wait for them before its first unit's compute."""
         if unit is self.units[0]:
             return True
         return self._recorded is None and bool(self.forward_order) and unit is self.forward_order[-1]
